@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import torch
+
+from tokenizer import VQGAN, QuantizerConfig, VQGANConfig
+
+FACTOR_MULTIPLIERS = {4: (1, 2, 2), 8: (1, 1, 2, 2), 16: (1, 1, 2, 2, 2)}
+
+
+@pytest.mark.parametrize("factor", [4, 8, 16])
+def test_encode_decode_shapes_for_each_downsampling_factor(factor):
+    torch.manual_seed(0)
+    config = VQGANConfig.tiny(image_size=64, channel_multipliers=FACTOR_MULTIPLIERS[factor])
+    assert config.downsample_factor == factor
+    model = VQGAN(config).eval()
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    codes = model.encode(images)
+    assert codes.shape == (2, 64 // factor, 64 // factor)
+    assert codes.dtype == torch.long and codes.min() >= 0 and codes.max() < model.num_codes
+    assert config.grid_size == tuple(codes.shape[1:])
+    decoded = model.decode(codes)
+    assert decoded.shape == images.shape
+    assert decoded.min() >= -1 and decoded.max() <= 1
+
+
+def test_forward_matches_encode_then_decode_in_eval():
+    torch.manual_seed(0)
+    model = VQGAN(VQGANConfig.tiny()).eval()
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    out = model(images)
+    codes = model.encode(images)
+    assert torch.equal(out.codes, codes)
+    torch.testing.assert_close(out.reconstructions.clamp(-1, 1), model.decode(codes))
+
+
+def test_encode_is_batched_consistently():
+    torch.manual_seed(0)
+    model = VQGAN(VQGANConfig.tiny()).eval()
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    together = model.encode(images)
+    one_by_one = torch.cat([model.encode(image[None]) for image in images])
+    assert torch.equal(together, one_by_one)
+
+
+def test_save_and_load_round_trip_is_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    config = VQGANConfig.tiny(quantizer=QuantizerConfig(num_codes=32, code_dim=4, use_ema=True))
+    model = VQGAN(config).eval()
+    model.save_pretrained(tmp_path / "tokenizer")
+    assert sorted(p.name for p in (tmp_path / "tokenizer").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    loaded = VQGAN.from_pretrained(tmp_path / "tokenizer")
+    assert loaded.config == config
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    codes = model.encode(images)
+    assert torch.equal(loaded.encode(images), codes)
+    assert torch.equal(loaded.decode(codes), model.decode(codes))
+
+
+def test_loading_refuses_a_config_that_does_not_match_the_weights(tmp_path):
+    model = VQGAN(VQGANConfig.tiny())
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["latent_dim"] = 24
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="re-export"):
+        VQGAN.from_pretrained(tmp_path)
+
+
+def test_loading_refuses_unknown_fields_and_missing_folders(tmp_path):
+    VQGAN(VQGANConfig.tiny()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "surprise": 1}))
+    with pytest.raises(ValueError, match="surprise"):
+        VQGAN.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="train_tokenizer"):
+        VQGAN.from_pretrained(tmp_path / "nowhere")
+
+
+def test_image_size_must_divide_by_the_factor():
+    with pytest.raises(ValueError, match="not divisible"):
+        VQGANConfig.tiny(image_size=36, channel_multipliers=(1, 2, 2, 2))
+
+
+def test_wrong_image_size_is_a_clear_error():
+    model = VQGAN(VQGANConfig.tiny())
+    with pytest.raises(ValueError, match="image_size=32"):
+        model.encode(torch.zeros(1, 3, 64, 64))
