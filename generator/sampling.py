@@ -1,0 +1,371 @@
+"""Sampling codes from the GPT: temperature, top-k, top-p and classifier-free guidance.
+
+`generate` keeps a preallocated KV cache and feeds one code per step; `generate_naive` re-runs
+the full forward pass for every code and is the baseline that tests and benchmarks compare
+against. Both share everything else (guidance, filtering, the random draws), so for the same
+seed they return the same codes.
+
+Guidance runs the conditional and unconditional halves as one batch of 2B and mixes them as
+`uncond + cfg_scale * (cond - uncond)`: cfg_scale = 1 is the plain conditional model (and runs
+only the conditional half), 0 ignores the condition, larger values follow it more strongly.
+Negative scales are refused: they steer away from the prompt, which is never what a user of
+text-to-image or variations wants.
+
+Codes are drawn with the Gumbel-max trick, argmax(logits - log(E)) with E ~ Exp(1), which
+samples softmax(logits) exactly without a host-device synchronisation inside the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+
+from generator.gpt import GPT
+
+
+def filter_logits(
+    logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """Set logits (..., vocab) outside the top k and outside the nucleus of mass top_p to -inf.
+
+    The nucleus is the smallest set of most likely codes whose probability reaches top_p.
+    """
+    if top_k is not None:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # 0 for the most likely code
+        outside_sorted = mass_before >= top_p
+        outside = torch.zeros_like(outside_sorted).scatter(-1, order, outside_sorted)
+        logits = logits.masked_fill(outside, -math.inf)
+    return logits
+
+
+def sample_from_logits(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one code per row of logits (B, vocab) after temperature and filtering; (B,) long."""
+    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
+    noise = torch.empty_like(logits).exponential_(generator=generator)
+    noise = noise.clamp_min_(torch.finfo(noise.dtype).tiny)  # log(0) would pick a filtered code
+    return (logits - noise.log()).argmax(dim=-1)
+
+
+class Condition(NamedTuple):
+    """What the model is conditioned on, with the unconditional half appended under guidance."""
+
+    clip_embedding: torch.Tensor  # (B', E), B' = 2B under guidance
+    drop_condition: torch.Tensor  # (B',) bool, True for the unconditional half
+
+
+def batch_condition(clip_embedding: torch.Tensor, guided: bool) -> Condition:
+    """The conditional batch, followed by its unconditional copy when guided."""
+    keep = torch.zeros(clip_embedding.shape[0], dtype=torch.bool, device=clip_embedding.device)
+    if not guided:
+        return Condition(clip_embedding, keep)
+    return Condition(torch.cat([clip_embedding, clip_embedding]), torch.cat([keep, ~keep]))
+
+
+def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Mix the conditional and unconditional halves of logits (2B, vocab) into (B, vocab)."""
+    conditional, unconditional = logits.chunk(2)
+    return unconditional + cfg_scale * (conditional - unconditional)
+
+
+class NextCodeLogits(ABC):
+    """Logits of the next code for the caller's B images, guidance already applied.
+
+    Under guidance the model sees 2B rows: the conditional batch, then its unconditional copy.
+    """
+
+    def __init__(self, model: GPT, clip_embedding: torch.Tensor, cfg_scale: float = 1.0) -> None:
+        self.model = model
+        self.cfg_scale = cfg_scale
+        self.guided = cfg_scale != 1.0
+        self.condition = batch_condition(clip_embedding, self.guided)
+
+    @abstractmethod
+    def start(self) -> torch.Tensor:
+        """Logits (B, vocab) of the first code to sample."""
+
+    @abstractmethod
+    def advance(self, codes: torch.Tensor) -> torch.Tensor:
+        """Take the codes (B,) just sampled; return the logits (B, vocab) of the next ones."""
+
+    def _both_halves(self, codes: torch.Tensor) -> torch.Tensor:
+        return torch.cat([codes, codes]) if self.guided else codes
+
+    def _mix(self, logits: torch.Tensor) -> torch.Tensor:
+        return guide(logits, self.cfg_scale) if self.guided else logits
+
+
+class CachedLogits(NextCodeLogits):
+    """Runs the prefix (and any given codes) once, then one code per step against a KV cache."""
+
+    def __init__(
+        self,
+        model: GPT,
+        clip_embedding: torch.Tensor,
+        cfg_scale: float = 1.0,
+        prefix_codes: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(model, clip_embedding, cfg_scale)
+        self.prefix_codes = prefix_codes
+        self.cache = model.new_cache(self.condition.clip_embedding.shape[0])
+
+    def start(self) -> torch.Tensor:
+        codes = None
+        if self.prefix_codes is not None and self.prefix_codes.shape[1]:
+            codes = self._both_halves(self.prefix_codes)
+        clip_embedding, drop_condition = self.condition
+        logits = self.model.prefill(clip_embedding, self.cache, drop_condition, codes=codes)
+        return self._mix(logits)
+
+    def advance(self, codes: torch.Tensor) -> torch.Tensor:
+        logits = self.model.step(self._both_halves(codes)[:, None], self.cache)
+        return self._mix(logits)
+
+
+class RecomputedLogits(NextCodeLogits):
+    """The naive baseline: a full forward pass over every code so far, for every new code."""
+
+    def __init__(
+        self,
+        model: GPT,
+        clip_embedding: torch.Tensor,
+        cfg_scale: float = 1.0,
+        prefix_codes: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(model, clip_embedding, cfg_scale)
+        batch_size = self.condition.clip_embedding.shape[0]
+        self.codes = torch.zeros(  # (B', T); the slot after the last code is a placeholder
+            batch_size, model.config.num_codes, dtype=torch.long, device=clip_embedding.device
+        )
+        self.length = 0
+        if prefix_codes is not None:
+            self.length = prefix_codes.shape[1]
+            self.codes[:, : self.length] = self._both_halves(prefix_codes)
+
+    def start(self) -> torch.Tensor:
+        return self._next_logits()
+
+    def advance(self, codes: torch.Tensor) -> torch.Tensor:
+        self.codes[:, self.length] = self._both_halves(codes)
+        self.length += 1
+        return self._next_logits()
+
+    def _next_logits(self) -> torch.Tensor:
+        # forward never reads its last code, so the placeholder only sets where logits end
+        logits = self.model(self.codes[:, : self.length + 1], *self.condition)
+        return self._mix(logits[:, -1])
+
+
+def generate(
+    model: GPT,
+    clip_embedding: torch.Tensor,
+    *,
+    prefix_codes: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cfg_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Sample codes (B, T) for CLIP embeddings (B, E), with the KV cache.
+
+    prefix_codes (B, K) are kept as the first K codes (e.g. the top rows of an image, for
+    variations) and the rest is sampled. Pass `seed` or a `torch.Generator` on the model's
+    device for reproducible samples; with neither, torch's global generator is used. The model
+    runs in eval mode and is put back in its previous mode afterwards.
+    """
+    return _generate(
+        CachedLogits,
+        model,
+        clip_embedding,
+        prefix_codes=prefix_codes,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        cfg_scale=cfg_scale,
+        generator=generator,
+        seed=seed,
+    )
+
+
+def generate_naive(
+    model: GPT,
+    clip_embedding: torch.Tensor,
+    *,
+    prefix_codes: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cfg_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """`generate` without the KV cache: the baseline it must match, code for code."""
+    return _generate(
+        RecomputedLogits,
+        model,
+        clip_embedding,
+        prefix_codes=prefix_codes,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        cfg_scale=cfg_scale,
+        generator=generator,
+        seed=seed,
+    )
+
+
+@torch.inference_mode()
+def _generate(
+    logits_source: type[CachedLogits] | type[RecomputedLogits],
+    model: GPT,
+    clip_embedding: torch.Tensor,
+    *,
+    prefix_codes: torch.Tensor | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    cfg_scale: float,
+    generator: torch.Generator | None,
+    seed: int | None,
+) -> torch.Tensor:
+    check_sampling_parameters(
+        model,
+        clip_embedding,
+        prefix_codes=prefix_codes,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        cfg_scale=cfg_scale,
+        generator=generator,
+        seed=seed,
+    )
+    weight = model.head.weight
+    clip_embedding = clip_embedding.to(weight.device, weight.dtype)
+    batch_size, num_codes = clip_embedding.shape[0], model.config.num_codes
+    codes = torch.empty(batch_size, num_codes, dtype=torch.long, device=weight.device)
+    num_given = 0
+    if prefix_codes is not None:
+        num_given = prefix_codes.shape[1]
+        prefix_codes = prefix_codes.to(codes)
+        codes[:, :num_given] = prefix_codes
+    if num_given == num_codes:
+        return codes
+    if seed is not None:
+        generator = torch.Generator(weight.device).manual_seed(seed)
+
+    with _eval_mode(model):
+        source = logits_source(model, clip_embedding, cfg_scale, prefix_codes)
+        logits = source.start()  # (B, vocab)
+        for t in range(num_given, num_codes):
+            codes[:, t] = sample_from_logits(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+            if t + 1 < num_codes:
+                logits = source.advance(codes[:, t])
+    return codes
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def check_sampling_parameters(
+    model: GPT,
+    clip_embedding: torch.Tensor,
+    *,
+    prefix_codes: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cfg_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> None:
+    """Raise a ValueError that says what to do for any parameter `generate` cannot use."""
+    config = model.config
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"temperature must be a positive number, got {temperature}; "
+            "use top_k=1 for greedy decoding."
+        )
+    if top_k is not None and not (
+        isinstance(top_k, int) and not isinstance(top_k, bool) and 1 <= top_k <= config.vocab_size
+    ):
+        raise ValueError(
+            f"top_k must be an integer from 1 to the vocabulary size {config.vocab_size}, got "
+            f"{top_k!r}; pass top_k=None to keep every code."
+        )
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(
+            f"top_p must be in (0, 1], got {top_p}; pass top_p=None to keep the whole distribution."
+        )
+    if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+        raise ValueError(
+            f"cfg_scale must be a number >= 0, got {cfg_scale}; use 1 for no guidance, "
+            "0 to ignore the condition, and about 1.5 to 5 to follow it more closely."
+        )
+    if clip_embedding.ndim != 2 or clip_embedding.shape[1] != config.clip_dim:
+        raise ValueError(
+            f"clip_embedding must have shape (batch, {config.clip_dim}), got "
+            f"{tuple(clip_embedding.shape)}; pass one embedding per image to generate "
+            "(embedding[None] for a single one)."
+        )
+    if clip_embedding.shape[0] == 0:
+        raise ValueError("clip_embedding is an empty batch; pass at least one embedding.")
+    if prefix_codes is not None:
+        _check_prefix_codes(
+            prefix_codes, clip_embedding.shape[0], config.num_codes, config.vocab_size
+        )
+    if generator is not None and seed is not None:
+        raise ValueError("Pass either seed or generator to generate, not both.")
+    device = model.head.weight.device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"The generator is on {generator.device} but the model is on {device}; "
+            f"create it with torch.Generator({str(device)!r})."
+        )
+
+
+def _check_prefix_codes(
+    prefix_codes: torch.Tensor, batch_size: int, num_codes: int, vocab_size: int
+) -> None:
+    if prefix_codes.ndim != 2 or prefix_codes.shape[0] != batch_size:
+        raise ValueError(
+            f"prefix_codes must have shape ({batch_size}, K), one row per embedding, got "
+            f"{tuple(prefix_codes.shape)}; flatten the kept rows of the (h, w) grid in raster order."
+        )
+    if prefix_codes.shape[1] > num_codes:
+        raise ValueError(
+            f"prefix_codes has {prefix_codes.shape[1]} codes but an image has only {num_codes}."
+        )
+    if prefix_codes.dtype.is_floating_point or prefix_codes.dtype.is_complex:
+        raise ValueError(f"prefix_codes must hold integer codes, got dtype {prefix_codes.dtype}.")
+    if prefix_codes.numel() and (prefix_codes.min() < 0 or prefix_codes.max() >= vocab_size):
+        raise ValueError(
+            f"prefix_codes must lie in [0, {vocab_size}), the tokenizer's codebook; "
+            "encode them with the same tokenizer the generator was trained on."
+        )

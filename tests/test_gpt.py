@@ -1,0 +1,271 @@
+import ast
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from generator.gpt import GPT, PRESETS, GPTConfig, KVCache
+
+VOCAB_SIZE = 32
+GRID_SIZE = (3, 5)  # not square, so rows and columns cannot be mixed up unnoticed
+CLIP_DIM = 16
+NUM_CODES = GRID_SIZE[0] * GRID_SIZE[1]
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    return GPTConfig.preset(
+        "tiny", vocab_size=VOCAB_SIZE, grid_size=GRID_SIZE, clip_dim=CLIP_DIM, **overrides
+    )
+
+
+@pytest.fixture
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(tiny_config()).eval()
+
+
+def random_inputs(batch_size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, VOCAB_SIZE, (batch_size, NUM_CODES), generator=generator)
+    clip_embedding = torch.randn(batch_size, CLIP_DIM, generator=generator)
+    return codes, clip_embedding
+
+
+def test_tiny_preset_sizes_and_overrides():
+    config = tiny_config(num_prefix_tokens=2)
+    assert (config.dim, config.num_layers) == (64, 2)
+    assert config.num_prefix_tokens == 2
+    assert config.num_codes == NUM_CODES
+    assert config.max_len == 2 + NUM_CODES - 1
+
+
+def test_grid_size_from_a_list_becomes_a_tuple():
+    config = GPTConfig(vocab_size=8, grid_size=[2, 3], clip_dim=4)
+    assert config.grid_size == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_heads": 5}, "divisible by num_heads"),
+        ({"p_uncond": 1.5}, "p_uncond"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"num_prefix_tokens": 0}, "num_prefix_tokens"),
+    ],
+)
+def test_invalid_config_raises(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="tiny"):
+        GPTConfig.preset("huge", vocab_size=8, grid_size=(2, 2), clip_dim=4)
+
+
+def test_presets_grow_in_size():
+    counts = []
+    for name in ("tiny", "small", "base"):
+        config = GPTConfig.preset(name, vocab_size=1024, grid_size=(16, 16), clip_dim=512)
+        with torch.device("meta"):  # counts parameters without allocating them
+            counts.append(GPT(config).num_parameters())
+    assert counts == sorted(counts) and len(set(counts)) == 3
+    assert set(PRESETS) == {"tiny", "small", "base"}
+
+
+def test_num_parameters_counts_every_tensor(model):
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert model.num_parameters() > 0
+
+
+def test_forward_gives_logits_for_every_code(model):
+    codes, clip_embedding = random_inputs(batch_size=2)
+    logits = model(codes, clip_embedding)
+    assert logits.shape == (2, NUM_CODES, VOCAB_SIZE)
+    assert torch.isfinite(logits).all()
+
+
+def test_forward_rejects_too_many_codes(model):
+    codes, clip_embedding = random_inputs(batch_size=2)
+    too_long = torch.cat([codes, codes[:, :1]], dim=1)
+    with pytest.raises(ValueError, match="codes must have shape"):
+        model(too_long, clip_embedding)
+    with pytest.raises(ValueError, match="clip_embedding must have shape"):
+        model(codes, clip_embedding[:1])
+
+
+@pytest.mark.parametrize("t", [0, 6, NUM_CODES - 2])
+def test_causality(model, t):
+    codes, clip_embedding = random_inputs(batch_size=2)
+    changed = codes.clone()
+    changed[:, t] = (codes[:, t] + 1) % VOCAB_SIZE
+    logits = model(codes, clip_embedding)
+    changed_logits = model(changed, clip_embedding)
+    # logits[:, i] predicts code i from codes before it: positions <= t cannot see code t
+    torch.testing.assert_close(changed_logits[:, : t + 1], logits[:, : t + 1])
+    assert not torch.allclose(changed_logits[:, t + 1], logits[:, t + 1])
+
+
+def test_shorter_code_sequences_give_the_same_logits(model):
+    codes, clip_embedding = random_inputs(batch_size=2)
+    full = model(codes, clip_embedding)
+    torch.testing.assert_close(model(codes[:, :4], clip_embedding), full[:, :4])
+
+
+def test_every_grid_position_is_embedded_differently(model):
+    same_code = torch.full((1, NUM_CODES), 3)
+    embedded = model.embed_codes(same_code)[0]  # (T, C)
+    distances = torch.cdist(embedded, embedded) + torch.eye(NUM_CODES)
+    assert (distances > 1e-3).all()
+
+
+def test_embedding_codes_from_an_offset_matches_the_whole_grid(model):
+    codes, _ = random_inputs(batch_size=2)
+    whole = model.embed_codes(codes)
+    torch.testing.assert_close(model.embed_codes(codes[:, 4:9], start=4), whole[:, 4:9])
+
+
+@torch.no_grad()
+def test_cached_steps_match_the_full_forward_pass(model):
+    codes, clip_embedding = random_inputs(batch_size=3)
+    drop_condition = torch.tensor([False, True, False])
+    full = model(codes, clip_embedding, drop_condition)  # (B, T, vocab)
+    cache = model.new_cache(batch_size=3)
+    logits = model.prefill(clip_embedding, cache, drop_condition)
+    torch.testing.assert_close(logits, full[:, 0], atol=1e-5, rtol=1e-5)
+    for t in range(NUM_CODES - 1):
+        logits = model.step(codes[:, t : t + 1], cache)
+        torch.testing.assert_close(logits, full[:, t + 1], atol=1e-5, rtol=1e-5)
+    assert cache.length == cache.max_len
+
+
+@torch.no_grad()
+def test_prefill_with_codes_and_chunked_steps_match_the_full_pass(model):
+    codes, clip_embedding = random_inputs(batch_size=2)
+    full = model(codes, clip_embedding)
+    cache = model.new_cache(batch_size=2)
+    logits = model.prefill(clip_embedding, cache, codes=codes[:, :5])
+    torch.testing.assert_close(logits, full[:, 5], atol=1e-5, rtol=1e-5)
+    logits = model.step(codes[:, 5:9], cache)  # several codes at once, after the cached ones
+    torch.testing.assert_close(logits, full[:, 9], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_refuses_to_overflow(model):
+    codes, clip_embedding = random_inputs(batch_size=1)
+    cache = model.new_cache(batch_size=1)
+    with torch.no_grad():
+        model.prefill(clip_embedding, cache, codes=codes[:, :-1])
+        with pytest.raises(ValueError, match="KV cache"):
+            model.step(codes[:, -1:], cache)
+        with pytest.raises(ValueError, match="empty cache"):
+            model.prefill(clip_embedding, cache)
+
+
+def test_kv_cache_is_preallocated_and_filled_in_place():
+    cache = KVCache(num_layers=2, batch_size=3, num_heads=4, max_len=10, head_dim=8)
+    keys_storage = cache.keys.data_ptr()
+    new = torch.randn(3, 4, 2, 8)
+    cache.update(0, new, new + 1)
+    cache.update(1, new, new + 1)
+    cache.advance(2)
+    keys, values = cache.update(0, new[:, :, :1], new[:, :, :1] + 1)
+    assert keys.shape == (3, 4, 3, 8)
+    torch.testing.assert_close(keys[:, :, :2], new)
+    torch.testing.assert_close(values[:, :, 2:], new[:, :, :1] + 1)
+    assert cache.keys.data_ptr() == keys_storage
+
+
+def test_null_embedding_is_a_trained_parameter(model):
+    assert isinstance(model.null_embedding, nn.Parameter)
+    assert any(p is model.null_embedding for p in model.parameters())
+    assert model.null_embedding.shape == (CLIP_DIM,)
+
+
+def test_null_embedding_gets_gradient_only_where_the_condition_is_dropped(model):
+    codes, clip_embedding = random_inputs(batch_size=2)
+    model(codes, clip_embedding, torch.tensor([False, False])).sum().backward()
+    assert model.null_embedding.grad is None or not model.null_embedding.grad.any()
+    model.zero_grad()
+    model(codes, clip_embedding, torch.tensor([True, False])).sum().backward()
+    assert model.null_embedding.grad.abs().sum() > 0
+
+
+def test_drop_condition_replaces_the_clip_embedding(model):
+    codes, clip_embedding = random_inputs(batch_size=2)
+    _, other_embedding = random_inputs(batch_size=2, seed=2)
+    dropped = torch.tensor([True, True])
+    conditional = model(codes, clip_embedding)
+    unconditional = model(codes, clip_embedding, dropped)
+    assert not torch.allclose(conditional, unconditional)
+    # once dropped, the CLIP embedding no longer matters
+    torch.testing.assert_close(model(codes, other_embedding, dropped), unconditional)
+    # and only the rows that are dropped change
+    mixed = model(codes, clip_embedding, torch.tensor([True, False]))
+    torch.testing.assert_close(mixed[0], unconditional[0])
+    torch.testing.assert_close(mixed[1], conditional[1])
+
+
+def test_draw_drop_condition_follows_p_uncond():
+    torch.manual_seed(0)
+    never = GPT(tiny_config(p_uncond=0.0)).draw_drop_condition(1000)
+    always = GPT(tiny_config(p_uncond=1.0)).draw_drop_condition(1000)
+    sometimes = GPT(tiny_config(p_uncond=0.25)).draw_drop_condition(4000)
+    assert never.dtype == torch.bool and not never.any() and always.all()
+    assert 0.2 < sometimes.float().mean() < 0.3
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(num_layers=8))
+    residual_std = 0.02 / math.sqrt(2 * 8)
+    assert model.blocks[0].attention.out.weight.std().item() == pytest.approx(residual_std, rel=0.1)
+    assert model.blocks[0].mlp.down.weight.std().item() == pytest.approx(residual_std, rel=0.1)
+    assert model.blocks[0].attention.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.token_embedding.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert not model.blocks[0].mlp.up.bias.any()
+
+
+def test_param_groups_decay_only_linear_weights(model):
+    decay, no_decay = model.param_groups(weight_decay=0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    decayed = {id(p) for p in decay["params"]}
+    undecayed = {id(p) for p in no_decay["params"]}
+    assert not decayed & undecayed
+    assert decayed | undecayed == {id(p) for p in model.parameters()}
+    assert all(p.ndim == 2 for p in decay["params"])
+    for parameter in (
+        model.head.weight,
+        model.blocks[0].attention.qkv.weight,
+        model.condition_mlp[0].weight,
+    ):
+        assert id(parameter) in decayed
+    for parameter in (
+        model.null_embedding,
+        model.prefix_position,
+        model.token_embedding.weight,
+        model.row_embedding.weight,
+        model.norm.weight,
+        model.blocks[0].attention.qkv.bias,
+    ):
+        assert id(parameter) in undecayed
+
+
+def test_model_file_imports_neither_lightning_nor_hydra():
+    import generator.gpt as gpt_module
+
+    with open(gpt_module.__file__) as source:
+        tree = ast.parse(source.read())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "torch" in imported
+    assert not {name.split(".")[0] for name in imported} & {
+        "lightning",
+        "pytorch_lightning",
+        "hydra",
+    }
