@@ -1,0 +1,45 @@
+"""Train the VQ-GAN tokenizer: RUN/tokenizer/{model.safetensors,config.json}.
+
+    python scripts/train_tokenizer.py run_dir=RUN [data=...] [tokenizer=...] [trainer=...]
+
+Run again on the same run_dir to resume from RUN/checkpoints/tokenizer/last.ckpt.
+"""
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tokenizer.data import ImageDataModule
+from tokenizer.module import TokenizerModule
+from tokenizer.training import build_trainer, fit_and_checkpoint
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_tokenizer")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    data = ImageDataModule(instantiate(cfg.data, _convert_="all"))
+    module = TokenizerModule.from_configs(
+        instantiate(cfg.tokenizer.model, _convert_="all"),
+        instantiate(cfg.tokenizer.loss, _convert_="all"),
+        instantiate(cfg.tokenizer.optim, _convert_="all"),
+        disc_lr=cfg.tokenizer.disc_lr,
+        image_dir=str(run_dir / "logs" / "tokenizer" / "images"),
+    )
+    trainer = build_trainer(
+        OmegaConf.to_container(cfg.trainer, resolve=True),
+        run_dir,
+        stage="tokenizer",
+        checkpoint_every_n_steps=cfg.checkpoint_every_n_steps,
+    )
+    fit_and_checkpoint(trainer, module, data, run_dir, stage="tokenizer")
+    if trainer.is_global_zero:
+        exported = module.vqgan.save_pretrained(run_dir / "tokenizer")
+        print(f"Tokenizer written to {exported}")
+
+
+if __name__ == "__main__":
+    main()
