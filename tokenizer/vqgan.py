@@ -77,7 +77,9 @@ class VQGANConfig:
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+    """32 groups where there are channels enough, and never fewer than 4 channels a group:
+    one channel a group is instance norm, which erases each image's flat colours."""
+    return nn.GroupNorm(math.gcd(32, max(1, channels // 4)), channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
