@@ -95,6 +95,6 @@ def fit_and_checkpoint(
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     final = checkpoint_dir(run_dir, stage) / "last.ckpt"
     partial = final.with_name("last.ckpt.partial")
-    trainer.save_checkpoint(partial)
+    trainer.save_checkpoint(partial, weights_only=False)  # full state: optimisers too
     if trainer.is_global_zero:
         os.replace(partial, final)
