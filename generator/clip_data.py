@@ -1,0 +1,167 @@
+"""Captioned images for training CLIP, in batches without false negatives.
+
+The contrastive loss treats every other caption in a batch as a wrong match for an image. When
+two items of a batch could both be described by one caption, that is a false negative: the
+loss pushes apart an image and a caption that do belong together. On shapes this is frequent
+(several phrasings describe one scene, and a phrasing that leaves out an attribute describes
+several scenes), so each batch keeps an item only if no kept caption describes its scene and
+its caption describes no kept scene (checked with the shapes caption parser). Elsewhere, items
+with the same caption text are the duplicates. Dropped items make the batch a little smaller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from tokenizer.data import DataConfig, ReportingDataLoader, ShapesDataset, build_dataset, has_split
+from tokenizer.shapes import Query, Scene, ShapesExample, parse_caption, scene_matches
+
+CACHE_BYTES = 1 << 30  # shapes splits whose uint8 pixels fit are drawn once, then kept
+
+
+class CaptionedImage(NamedTuple):
+    image: torch.Tensor  # (3, H, W) float32 in [-1, 1]
+    caption: str
+    scene: Scene | None  # what a shapes image shows; None for other sources
+
+
+class CaptionBatch(NamedTuple):
+    images: torch.Tensor  # (B, 3, H, W)
+    captions: list[str]  # B captions, none of which describes another item's image
+
+
+class CaptionedDataset(Dataset):
+    """A map-style dataset's samples with their scene where the dataset knows it (shapes).
+
+    Shapes examples are drawn once and then kept in memory (by each loader worker) when the
+    split's pixels fit in CACHE_BYTES: drawing costs as much CPU as a small CLIP's training
+    step, and a run sees every example many times.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.skip_log = getattr(dataset, "skip_log", None)
+        self.cache: dict[int, ShapesExample] | None = None
+        if isinstance(dataset, ShapesDataset):
+            size = dataset.config.image_size
+            if len(dataset) * size * size * 3 <= CACHE_BYTES:
+                self.cache = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _example(self, index: int) -> ShapesExample:
+        if self.cache is None:
+            return self.dataset.example(index)
+        if index not in self.cache:
+            self.cache[index] = self.dataset.example(index)
+        return self.cache[index]
+
+    def __getitem__(self, index: int) -> CaptionedImage:
+        if isinstance(self.dataset, ShapesDataset):
+            example = self._example(index)
+            image = torch.from_numpy(example.image).permute(2, 0, 1).float() / 127.5 - 1
+            return CaptionedImage(image, example.caption, example.scene)
+        sample = self.dataset[index]
+        return CaptionedImage(sample.image, sample.caption, None)
+
+
+class CaptionedStream(IterableDataset):
+    """A streaming dataset's samples (WebDataset shards); their scenes are unknown."""
+
+    def __init__(self, dataset: IterableDataset) -> None:
+        self.dataset = dataset
+        self.skip_log = getattr(dataset, "skip_log", None)
+
+    def __iter__(self) -> Iterator[CaptionedImage]:
+        for sample in self.dataset:
+            yield CaptionedImage(sample.image, sample.caption, None)
+
+
+class _Kept(NamedTuple):
+    scene: Scene
+    query: Query
+
+
+def _objects_key(scene: Scene) -> tuple:
+    """Every caption names each object's colour and shape, so only scenes with the same
+    colour-shape pairs can share a caption."""
+    return tuple(sorted((obj.color, obj.shape) for obj in scene.objects))
+
+
+def _parse(caption: str) -> Query | None:
+    try:
+        return parse_caption(caption)
+    except ValueError:
+        return None
+
+
+class DistinctCaptions:
+    """Collate that keeps, in order, each item whose caption is not confusable with a kept one.
+
+    A class, not a closure, so DataLoader workers started by spawn can unpickle it.
+    """
+
+    def __call__(self, items: Sequence[CaptionedImage]) -> CaptionBatch:
+        kept: list[CaptionedImage] = []
+        scenes: dict[tuple, list[_Kept]] = {}
+        captions: set[str] = set()
+        for item in items:
+            caption = item.caption.strip()
+            if not caption or caption.lower() in captions:
+                continue
+            if item.scene is not None:
+                query = _parse(caption)
+                group = scenes.setdefault(_objects_key(item.scene), [])
+                if query is None or any(self._confusable(item.scene, query, k) for k in group):
+                    continue
+                group.append(_Kept(item.scene, query))
+            captions.add(caption.lower())
+            kept.append(item)
+        images = torch.stack([item.image for item in kept]) if kept else torch.empty(0, 3, 0, 0)
+        return CaptionBatch(images, [item.caption.strip() for item in kept])
+
+    @staticmethod
+    def _confusable(scene: Scene, query: Query, other: _Kept) -> bool:
+        return scene_matches(other.scene, query) or scene_matches(scene, other.query)
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """Train/val loaders of distinct-caption batches from any data source."""
+
+    def __init__(self, config: DataConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def _dataset(self, split: str) -> Dataset:
+        dataset = build_dataset(self.config, split)
+        if isinstance(dataset, IterableDataset):
+            return CaptionedStream(dataset)
+        return CaptionedDataset(dataset)
+
+    def _loader(self, split: str) -> DataLoader | list:
+        if not has_split(self.config, split):
+            return []  # Lightning runs no loop for an empty list
+        dataset, train = self._dataset(split), split == "train"
+        workers = self.config.num_workers
+        return ReportingDataLoader(
+            dataset,
+            batch_size=self.config.batch_size,
+            shuffle=train and not isinstance(dataset, IterableDataset),
+            drop_last=train,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=DistinctCaptions(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val")

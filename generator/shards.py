@@ -1,0 +1,263 @@
+"""The on-disk format of encoded shards: what scripts/encode.py writes and stage two reads.
+
+    RUN/encoded/
+      plan.json                         how the shards are made (tokenizer, CLIP, shard size,
+                                        data order); written before the first shard
+      <split>/shard-000000.safetensors  one file per `shard_size` positions of the split's order
+      <split>/done.json                 the split's shard list, once its last shard is written
+      manifest.json                     the plan and every finished split; written last
+
+A shard is one safetensors file holding, for its N samples:
+
+    codes             (N, h, w)  uint16 (int32 for codebooks over 65,536 codes)
+    image_embeddings  (N, E)     float16, l2-normalised CLIP image embeddings
+    text_embeddings   (N, E)     float16, zeros where a sample has no caption;
+                                 absent from a shard where no sample has one
+    has_caption       (N,)       bool
+    caption_bytes     (T,)       uint8, the UTF-8 captions one after another
+    caption_offsets   (N + 1,)   int64, caption i is caption_bytes[offsets[i]:offsets[i + 1]]
+
+safetensors is plain JSON plus raw arrays: `read_shard` memory-maps the arrays straight out of
+the file, and nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from tokenizer.io import atomic_write, atomic_write_text, config_to_dict, dataclass_from_dict
+
+FORMAT_VERSION = 1
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.json"
+DONE_FILE = "done.json"
+SHARD_PATTERN = "shard-*.safetensors"
+METADATA_KEY = "encoded_shard"
+EMBEDDING_DTYPE = "float16"
+SAFETENSORS_DTYPES = {
+    "BOOL": np.bool_,
+    "U8": np.uint8,
+    "U16": np.uint16,
+    "I32": np.int32,
+    "I64": np.int64,
+    "F16": np.float16,
+    "F32": np.float32,
+}
+
+
+class ShardMismatchError(ValueError):
+    """Encoded shards that do not belong to this tokenizer, CLIP or data."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.safetensors"
+
+
+def shard_index(path: Path) -> int:
+    return int(path.name.removeprefix("shard-").removesuffix(".safetensors"))
+
+
+def codes_dtype(num_codes: int) -> str:
+    """The smallest integer type that holds every code of the codebook."""
+    return "uint16" if num_codes <= 2**16 else "int32"
+
+
+def file_sha256(paths: list[Path]) -> str:
+    """One sha256 over the bytes of several files, in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
+    """sha256 of an exported tokenizer: its weights, then its config."""
+    tokenizer_dir = Path(tokenizer_dir)
+    return file_sha256([tokenizer_dir / "model.safetensors", tokenizer_dir / "config.json"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+
+
+class EncodedShard(NamedTuple):
+    """The arrays of one shard, laid out as on disk (see the module docstring)."""
+
+    codes: np.ndarray  # (N, h, w)
+    image_embeddings: np.ndarray  # (N, E)
+    text_embeddings: np.ndarray | None  # (N, E), None where no sample has a caption
+    has_caption: np.ndarray  # (N,) bool
+    caption_bytes: np.ndarray  # (T,) uint8
+    caption_offsets: np.ndarray  # (N + 1,) int64
+
+    def caption(self, index: int) -> str:
+        start, end = self.caption_offsets[index], self.caption_offsets[index + 1]
+        return bytes(self.caption_bytes[start:end]).decode("utf-8")
+
+
+def pack_captions(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Captions as (caption_bytes (T,) uint8, caption_offsets (N + 1,) int64)."""
+    encoded = [caption.encode("utf-8") for caption in captions]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+@dataclass
+class ShardInfo:
+    """What a shard file says about itself, in its safetensors metadata."""
+
+    split: str
+    first_position: int  # shard k covers positions [k * shard_size, (k + 1) * shard_size)
+    num_samples: int  # fewer than shard_size where positions were unreadable, or at the end
+    num_captioned: int
+    dataset_length: int | None  # the split's length when encoded; None for a stream
+    format_version: int = FORMAT_VERSION
+
+
+def write_shard(path: Path, shard: EncodedShard, info: ShardInfo) -> Path:
+    """Write one shard atomically: a killed process leaves the whole file or none of it."""
+    arrays = {
+        "codes": shard.codes,
+        "image_embeddings": shard.image_embeddings,
+        "has_caption": shard.has_caption,
+        "caption_bytes": shard.caption_bytes,
+        "caption_offsets": shard.caption_offsets,
+    }
+    if shard.text_embeddings is not None:
+        arrays["text_embeddings"] = shard.text_embeddings
+    arrays = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+    # safetensors writes metadata keys in hash order: one key keeps the file's bytes repeatable
+    metadata = {METADATA_KEY: json.dumps(config_to_dict(info), sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the byte offset where its data starts."""
+    with open(path, "rb") as file:
+        (header_size,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(header_size))
+    return header, 8 + header_size
+
+
+def read_shard_info(path: Path) -> ShardInfo:
+    metadata = read_header(path)[0].get("__metadata__", {})
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path} is not an encoded shard: delete it and run scripts/encode.py.")
+    return dataclass_from_dict(ShardInfo, json.loads(metadata[METADATA_KEY]), where=str(path))
+
+
+def read_shard(path: Path) -> EncodedShard:
+    """A shard's arrays, memory-mapped read-only: nothing is loaded until it is indexed."""
+    header, data_start = read_header(path)
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    arrays = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        arrays[name] = (
+            raw[data_start + begin : data_start + end].view(dtype).reshape(entry["shape"])
+        )
+    return EncodedShard(
+        codes=arrays["codes"],
+        image_embeddings=arrays["image_embeddings"],
+        text_embeddings=arrays.get("text_embeddings"),
+        has_caption=arrays["has_caption"],
+        caption_bytes=arrays["caption_bytes"],
+        caption_offsets=arrays["caption_offsets"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan and manifest
+
+
+@dataclass
+class EncodingPlan:
+    """Everything that decides the bytes of the shards; a resumed encode must match it."""
+
+    tokenizer_fingerprint: str
+    clip_fingerprint: str
+    num_codes: int
+    grid_size: tuple[int, int]  # (h, w) of each sample's codes
+    image_size: int
+    embed_dim: int  # E
+    codes_dtype: str
+    embedding_dtype: str
+    shard_size: int  # positions of the split's order per shard
+    batch_size: int  # images per tokenizer/CLIP pass (it can change the last bits of a result)
+    data: dict[str, Any]  # the data settings that decide which samples come in which order
+
+
+@dataclass
+class ShardRecord:
+    file: str  # relative to RUN/encoded
+    num_samples: int
+    num_captioned: int
+
+
+@dataclass
+class SplitRecord:
+    name: str
+    num_samples: int
+    num_captioned: int
+    shards: tuple[ShardRecord, ...]
+
+
+@dataclass
+class Manifest:
+    plan: EncodingPlan
+    splits: tuple[SplitRecord, ...]
+    format_version: int = FORMAT_VERSION
+
+    def split(self, name: str) -> SplitRecord:
+        for record in self.splits:
+            if record.name == name:
+                return record
+        raise ValueError(
+            f"the encoded shards have no {name!r} split (they have "
+            f"{[r.name for r in self.splits]}): run scripts/encode.py with splits=[...,{name}]."
+        )
+
+
+def write_json(path: Path, record: Any) -> Path:
+    return atomic_write_text(path, json.dumps(config_to_dict(record), indent=2) + "\n")
+
+
+def read_json(cls: type, path: Path) -> Any:
+    """A plan, split record or manifest written by `write_json`."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}): delete RUN/encoded and run scripts/encode.py."
+        ) from None
+    version = values.get("format_version", FORMAT_VERSION) if isinstance(values, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format version {version!r}; this code reads version {FORMAT_VERSION}: "
+            "run scripts/encode.py with overwrite=true."
+        )
+    return dataclass_from_dict(cls, values, where=str(path))
+
+
+def read_manifest(encoded_dir: str | Path) -> Manifest:
+    path = Path(encoded_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST_FILE} in {encoded_dir}: the shards are missing or their encode did not "
+            "finish; run scripts/encode.py run_dir=RUN (it resumes where it stopped)."
+        )
+    return read_json(Manifest, path)

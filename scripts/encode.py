@@ -1,0 +1,48 @@
+"""Encode a dataset for stage two: RUN/encoded/<split>/shard-*.safetensors + manifest.json.
+
+    python scripts/encode.py run_dir=RUN [data=...] [clip=...] [splits=[train,val]] [overwrite=true]
+
+Runs RUN/tokenizer and the CLIP once over each split. Run it again after an interruption to
+resume from the last complete shard; on a finished encode it does nothing.
+"""
+
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from generator.clip import load_clip
+from generator.encoding import encode_run
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="encode")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    device = resolve_device(cfg.device)
+    clip = load_clip(instantiate(cfg.clip, _convert_="all"), run_dir, device)
+    outcome = encode_run(
+        run_dir,
+        instantiate(cfg.data, _convert_="all"),
+        clip,
+        splits=list(cfg.splits),
+        shard_size=cfg.shard_size,
+        device=device,
+        overwrite=cfg.overwrite,
+    )
+    counts = ", ".join(f"{s.name}: {s.num_samples}" for s in outcome.manifest.splits)
+    if outcome.already_done:
+        print(f"{run_dir / 'encoded'} is already complete ({counts}): nothing to do.")
+    else:
+        print(f"Encoded shards written to {run_dir / 'encoded'} ({counts}).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Train a small CLIP on the dataset's captions: RUN/clip/{model.safetensors,config.json}.
+
+    python scripts/train_clip.py run_dir=RUN [clip=shapes|tiny] [data=...] [trainer=...]
+
+Run again on the same run_dir to resume from RUN/checkpoints/clip/last.ckpt. On shapes data
+the script ends with the zero-shot retrieval of the exported CLIP on the test split, as JSON.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from generator.clip import load_clip, save_trained_clip
+from generator.clip_data import CaptionDataModule
+from generator.clip_eval import shapes_retrieval
+from generator.clip_module import CLIPModule
+from tokenizer.data import build_dataset, has_split
+from tokenizer.training import build_trainer, fit_and_checkpoint
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_clip")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    data_config = instantiate(cfg.data, _convert_="all")
+    clip_config = instantiate(cfg.clip, _convert_="all")
+    module = CLIPModule.from_configs(clip_config, instantiate(cfg.optim, _convert_="all"))
+    print(f"CLIP with {module.num_parameters():,} parameters")
+    trainer = build_trainer(
+        OmegaConf.to_container(cfg.trainer, resolve=True),
+        run_dir,
+        stage="clip",
+        checkpoint_every_n_steps=cfg.checkpoint_every_n_steps,
+    )
+    fit_and_checkpoint(trainer, module, CaptionDataModule(data_config), run_dir, stage="clip")
+    if not trainer.is_global_zero:
+        return
+    exported = save_trained_clip(module.model, module.clip_config, run_dir / "clip")
+    print(f"CLIP written to {exported}")
+    if data_config.source == "shapes" and cfg.eval_images > 0 and has_split(data_config, "test"):
+        encoder = load_clip(dataclasses.replace(clip_config, checkpoint=str(exported)))
+        scores = shapes_retrieval(encoder, build_dataset(data_config, "test"), cfg.eval_images)
+        print(json.dumps({"clip_retrieval": dataclasses.asdict(scores)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""CLIP through open_clip: three sources, one interface; training, export and retrieval."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from generator.clip import (
+    CLIPConfig,
+    CLIPEncoder,
+    ImagePreprocess,
+    MissingCLIPWeightsError,
+    build_small_clip,
+    clip_tokenizer,
+    load_clip,
+    save_trained_clip,
+)
+from generator.clip_data import CaptionedImage, DistinctCaptions
+from generator.clip_eval import in_batch_retrieval, shapes_retrieval
+from tokenizer.data import DataConfig, Sample, build_dataset
+from tokenizer.shapes import Scene, ShapeObject, attribute_combinations, canonical_caption, check
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ARCH = "test-tiny-clip"  # an open_clip architecture registered by the fixture below
+TINY_SMALL = {  # the small CLIP trained here, at test size
+    "embed_dim": 16,
+    "patch_size": 8,
+    "vision_width": 16,
+    "vision_layers": 1,
+    "vision_heads": 2,
+    "text_width": 16,
+    "text_layers": 1,
+    "text_heads": 2,
+    "context_length": 24,
+}
+CAPTIONS = ["a small red circle in the center on a white background", "a blue square", "x"]
+
+
+class Unsafe:
+    """Any object but tensors and containers: a weights-only unpickler must refuse it."""
+
+
+def images(count: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(count, 3, size, size, generator=generator) * 2 - 1  # (B, 3, H, W)
+
+
+@pytest.fixture(scope="module")
+def tiny_arch(tmp_path_factory) -> str:
+    """Register a tiny open_clip architecture, as a user's model config would be."""
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 1,
+            "width": 16,
+            "head_width": 8,
+            "patch_size": 8,
+        },
+        "text_cfg": {
+            "context_length": 16,
+            "vocab_size": 49408,
+            "width": 16,
+            "heads": 2,
+            "layers": 1,
+        },
+    }
+    path = tmp_path_factory.mktemp("open_clip_config") / f"{TINY_ARCH}.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    return TINY_ARCH
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_arch, tmp_path_factory) -> Path:
+    """A checkpoint file of the tiny architecture with random weights, as safetensors."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(tiny_arch)
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
+    save_file({name: t.contiguous() for name, t in model.state_dict().items()}, str(path))
+    return path
+
+
+def register_tag(monkeypatch, arch: str, tag: str, tag_config: dict) -> None:
+    """Add a pretrained tag to open_clip's zoo for this test (open_clip has no public API)."""
+    zoo = open_clip.pretrained._PRETRAINED
+    monkeypatch.setitem(zoo, arch, {**zoo.get(arch, {}), tag: tag_config})
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = CLIPConfig(source="trained", **TINY_SMALL)
+    directory = tmp_path_factory.mktemp("run") / "clip"
+    save_trained_clip(build_small_clip(config), config, directory)
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Three sources, one interface
+
+
+def test_file_source_loads_the_checkpoint_weights(tiny_arch, tiny_checkpoint):
+    encoder = load_clip(
+        CLIPConfig(source="file", model_name=tiny_arch, checkpoint=str(tiny_checkpoint))
+    )
+    reference = open_clip.create_model(tiny_arch, pretrained=str(tiny_checkpoint)).eval()
+    batch = images(4)
+    pixels = (batch + 1) / 2
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = reference.encode_image((pixels - mean) / std, normalize=True)
+    assert encoder.embed_dim == 16
+    assert torch.allclose(encoder.encode_image(batch), expected, atol=1e-6)
+
+
+def test_file_source_reads_plain_state_dict_pickles_but_refuses_objects(
+    tiny_arch, tiny_checkpoint, tmp_path
+):
+    state = open_clip.create_model(tiny_arch, pretrained=str(tiny_checkpoint)).state_dict()
+    plain = tmp_path / "tiny.pt"
+    torch.save(state, plain)
+    from_pickle = load_clip(CLIPConfig(source="file", model_name=tiny_arch, checkpoint=str(plain)))
+    from_safetensors = load_clip(
+        CLIPConfig(source="file", model_name=tiny_arch, checkpoint=str(tiny_checkpoint))
+    )
+    assert from_pickle.fingerprint() == from_safetensors.fingerprint()
+
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"state_dict": state, "extra": Unsafe()}, unsafe)
+    with pytest.raises(ValueError, match="clip.model_name.*pickled objects"):
+        load_clip(CLIPConfig(source="file", model_name=tiny_arch, checkpoint=str(unsafe)))
+
+
+def test_pretrained_source_goes_through_the_zoo(tiny_arch, tiny_checkpoint, monkeypatch):
+    """A zoo tag whose weights are already on disk: the same weights as source=file."""
+    register_tag(monkeypatch, tiny_arch, "local", {"file": str(tiny_checkpoint)})
+    pretrained = load_clip(
+        CLIPConfig(source="pretrained", model_name=tiny_arch, pretrained="local")
+    )
+    file = load_clip(
+        CLIPConfig(source="file", model_name=tiny_arch, checkpoint=str(tiny_checkpoint))
+    )
+    assert pretrained.fingerprint() == file.fingerprint()
+    assert torch.equal(pretrained.encode_text(CAPTIONS), file.encode_text(CAPTIONS))
+
+
+def test_pretrained_without_network_says_how_to_place_the_file(tiny_arch, monkeypatch, tmp_path):
+    url = "http://127.0.0.1:9/tiny-weights.pt"  # nothing listens on the discard port
+    register_tag(monkeypatch, tiny_arch, "offline", {"url": url, "hf_hub": "", "quick_gelu": True})
+    config = CLIPConfig(
+        source="pretrained", model_name=tiny_arch, pretrained="offline", cache_dir=str(tmp_path)
+    )
+    with pytest.raises(MissingCLIPWeightsError) as error:
+        load_clip(config)
+    message = str(error.value)
+    assert url in message
+    assert f"clip.source=file clip.model_name={tiny_arch} clip.quick_gelu=true" in message
+    assert "clip.checkpoint=" in message
+
+
+def test_trained_source_reloads_identically(trained_dir):
+    config = CLIPConfig(source="trained", **TINY_SMALL)
+    torch.manual_seed(0)
+    model = build_small_clip(config)  # the weights the fixture saved
+    direct = CLIPEncoder(model, clip_tokenizer(config), ImagePreprocess.of(model), config, 16)
+    from_run = load_clip(CLIPConfig(source="trained"), run_dir=trained_dir.parent)
+    from_path = load_clip(CLIPConfig(source="trained", checkpoint=str(trained_dir)))
+    batch = images(5)
+    assert torch.equal(from_run.encode_image(batch), direct.encode_image(batch))
+    assert torch.equal(from_run.encode_text(CAPTIONS), direct.encode_text(CAPTIONS))
+    assert from_run.fingerprint() == from_path.fingerprint() == direct.fingerprint()
+    assert from_run.embed_dim == 16 and from_run.config.vision_width == 16
+
+
+def test_fingerprint_changes_with_the_weights(trained_dir):
+    encoder = load_clip(CLIPConfig(source="trained", checkpoint=str(trained_dir)))
+    before = encoder.fingerprint()
+    torch.manual_seed(1)
+    other = build_small_clip(encoder.config)
+    changed = CLIPEncoder(other, encoder.tokenize, encoder.preprocess, encoder.config, 16)
+    assert len(before) == 64 and changed.fingerprint() != before
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+
+
+def test_embeddings_are_unit_vectors_and_do_not_depend_on_the_batching(trained_dir):
+    encoder = load_clip(CLIPConfig(source="trained", checkpoint=str(trained_dir)))
+    batch = images(7)
+    whole = encoder.encode_image(batch)
+    chunked = encoder.encode_image(batch, batch_size=3)
+    one_by_one = torch.cat([encoder.encode_image(batch[i : i + 1]) for i in range(7)])
+    assert whole.shape == (7, 16)
+    assert torch.allclose(whole.norm(dim=1), torch.ones(7), atol=1e-5)
+    assert torch.allclose(whole, chunked, atol=1e-5)
+    assert torch.allclose(whole, one_by_one, atol=1e-5)
+    text = encoder.encode_text(CAPTIONS)
+    assert text.shape == (3, 16)
+    assert torch.allclose(text.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(text[1:], encoder.encode_text(CAPTIONS[1:]), atol=1e-5)
+    assert not whole.requires_grad and encoder.encode_text([]).shape == (0, 16)
+
+
+def test_images_are_resized_to_the_model_input(trained_dir):
+    encoder = load_clip(CLIPConfig(source="trained", checkpoint=str(trained_dir)))
+    small = images(2)
+    large = F.interpolate((small + 1) / 2, size=64, mode="nearest") * 2 - 1  # (2, 3, 64, 64)
+    assert encoder.preprocess(large).shape == (2, 3, 32, 32)
+    similarity = (encoder.encode_image(large) * encoder.encode_image(small)).sum(dim=1)
+    assert torch.all(similarity > 0.95)
+
+
+def test_bad_inputs_raise_clear_errors(trained_dir):
+    encoder = load_clip(CLIPConfig(source="trained", checkpoint=str(trained_dir)))
+    with pytest.raises(TypeError, match="list of captions"):
+        encoder.encode_text("a red circle")
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        encoder.encode_image(torch.zeros(3, 32, 32))
+    with pytest.raises(ValueError, match="float images"):
+        encoder.encode_image(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad configs and paths
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"source": "hub"}, "clip.source"),
+        ({"source": "file"}, "clip.checkpoint"),
+        ({"source": "trained", "image_size": 30, "patch_size": 4}, "multiple of clip.patch_size"),
+        ({"source": "trained", "text_width": 30, "text_heads": 4}, "text_heads"),
+        ({"source": "trained", "vision_layers": 0}, "vision_layers"),
+        ({"source": "trained", "context_length": 2}, "context_length"),
+    ],
+)
+def test_bad_config_values_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        CLIPConfig(**fields)
+
+
+def test_bad_names_and_paths_say_what_to_do(tiny_arch, tmp_path):
+    with pytest.raises(ValueError, match="did you mean ViT-B-32"):
+        load_clip(CLIPConfig(source="pretrained", model_name="ViT-B32"))
+    with pytest.raises(ValueError, match="set clip.pretrained to one of"):
+        load_clip(CLIPConfig(source="pretrained", model_name="ViT-B-32", pretrained="nope"))
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(FileNotFoundError, match="set clip.checkpoint"):
+        load_clip(CLIPConfig(source="file", model_name=tiny_arch, checkpoint=str(missing)))
+    with pytest.raises(FileNotFoundError, match="scripts/train_clip.py"):
+        load_clip(CLIPConfig(source="trained"), run_dir=tmp_path)
+    with pytest.raises(ValueError, match="pass run_dir"):
+        load_clip(CLIPConfig(source="trained"))
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tiny_checkpoint):
+    config = CLIPConfig(source="file", model_name="RN50", checkpoint=str(tiny_checkpoint))
+    with pytest.raises(ValueError, match="set clip.model_name to the checkpoint's architecture"):
+        load_clip(config)
+
+
+def test_a_trained_folder_that_does_not_match_its_config_is_refused(trained_dir, tmp_path):
+    other = CLIPConfig(source="trained", **{**TINY_SMALL, "embed_dim": 8})
+    save_trained_clip(build_small_clip(other), other, tmp_path)
+    (tmp_path / "config.json").write_text((trained_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match="export the CLIP again"):
+        load_clip(CLIPConfig(source="trained", checkpoint=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Distinct-caption batches
+
+
+def one_object(color: str, background: str = "white") -> Scene:
+    return Scene((ShapeObject("circle", color, "small", "left"),), background)
+
+
+def test_batches_keep_no_two_items_that_one_caption_describes():
+    image = torch.zeros(3, 32, 32)
+    red_white, red_black, blue = one_object("red"), one_object("red", "black"), one_object("blue")
+    items = [
+        CaptionedImage(image, canonical_caption(red_white), red_white),
+        CaptionedImage(image, "red circle, left, small", red_white),  # same scene
+        CaptionedImage(image, canonical_caption(red_black), red_black),  # first caption fits not
+        CaptionedImage(image, "a small blue circle on the left", blue),
+        CaptionedImage(image, "a small red circle on the left", red_black),  # fits red_white too
+        CaptionedImage(image, "", blue),  # no caption
+    ]
+    batch = DistinctCaptions()(items)
+    assert batch.captions == [items[0].caption, items[2].caption, items[3].caption]
+    assert batch.images.shape == (3, 3, 32, 32)
+    duplicates = [CaptionedImage(image, text, None) for text in ("a cat", "A cat ", "a dog")]
+    assert DistinctCaptions()(duplicates).captions == ["a cat", "a dog"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval
+
+
+class CheckerCLIP:
+    """An oracle with the encoder's interface: one-hot embeddings of the attribute combination,
+    read from pixels by the shapes checker, so its retrieval must be (almost) perfect."""
+
+    def __init__(self) -> None:
+        self.captions = [canonical_caption(scene) for scene in attribute_combinations()]
+        self.index = {scene: k for k, scene in enumerate(attribute_combinations())}
+        self.embed_dim = len(self.captions)
+
+    def one_hot(self, indices: list[int]) -> torch.Tensor:
+        return F.one_hot(torch.tensor(indices), self.embed_dim).float()
+
+    def encode_text(self, captions, batch_size: int = 256) -> torch.Tensor:
+        return self.one_hot([self.captions.index(caption) for caption in captions])
+
+    def encode_image(self, images, batch_size: int = 256) -> torch.Tensor:
+        return self.one_hot([self.index.get(check(image), 0) for image in images])
+
+
+def test_shapes_retrieval_counts_one_object_test_images():
+    dataset = build_dataset(DataConfig(num_test=400, image_size=32), "test")
+    scores = shapes_retrieval(CheckerCLIP(), dataset, max_images=300)
+    one_object = sum(len(dataset.example(i).scene.objects) == 1 for i in range(300))
+    assert scores.seen.num_images + scores.held_out.num_images == one_object
+    assert scores.held_out.num_images > 0
+    for group in (scores.seen, scores.held_out):
+        assert group.image_to_text_top1 >= 0.97 and group.text_to_image_top1 >= 0.97
+        assert group.image_to_text_top5 >= group.image_to_text_top1
+        assert 0 < group.num_texts <= group.num_images
+
+
+def test_in_batch_retrieval_counts_repeated_captions_as_hits():
+    class Lookup:  # embeds an image by its first pixel, a caption by its text
+        def encode_image(self, images):
+            return F.one_hot(images[:, 0, 0, 0].long(), 3).float()
+
+        def encode_text(self, captions):
+            return F.one_hot(torch.tensor([["a", "b", "c"].index(c) for c in captions]), 3).float()
+
+    image = torch.tensor([0.0, 1.0, 0.0, 2.0]).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    batch = Sample(image, ["a", "b", "a", "c"])
+    scores = in_batch_retrieval(Lookup(), [batch])
+    assert scores.image_to_text_top1 == scores.text_to_image_top1 == 1.0
+    assert scores.num_images == 4
+    wrong = Sample(image, ["b", "a", "b", "c"])
+    assert in_batch_retrieval(Lookup(), [wrong]).image_to_text_top1 == 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/train_clip.py
+
+TRAIN = [
+    "clip=tiny",
+    "data.batch_size=48",
+    "data.num_workers=0",
+    "data.num_train=2000",
+    "data.num_val=48",
+    "data.num_test=200",
+    "eval_images=200",
+    "optim.warmup_steps=5",
+    "trainer.limit_val_batches=1",
+    "trainer.val_check_interval=20",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def train_clip(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "scripts" / "train_clip.py"), f"run_dir={run_dir}"]
+    result = subprocess.run(
+        [*command, *TRAIN, *overrides], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "logs" / "clip" / "metrics.csv") as file:
+        return [float(row["train/loss"]) for row in csv.DictReader(file) if row["train/loss"]]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("clip_run")
+    return run_dir, train_clip(run_dir, "trainer.max_steps=40", "checkpoint_every_n_steps=20")
+
+
+def checkpoint_clip(run_dir: Path) -> CLIPEncoder:
+    """The CLIP in the last Lightning checkpoint, read without the exported files."""
+    checkpoint = torch.load(run_dir / "checkpoints" / "clip" / "last.ckpt", weights_only=True)
+    config = CLIPConfig(**checkpoint["hyper_parameters"]["clip"])
+    model = build_small_clip(config)
+    prefix = "model."
+    model.load_state_dict(
+        {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    )
+    return CLIPEncoder(model, clip_tokenizer(config), ImagePreprocess.of(model), config, 16)
+
+
+def test_training_lowers_the_loss_and_exports_the_trained_clip(trained_run):
+    run_dir, result = trained_run
+    losses = train_losses(run_dir)
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2
+    exported = load_clip(CLIPConfig(source="trained"), run_dir)
+    trained = checkpoint_clip(run_dir)
+    batch = images(6)
+    assert torch.equal(exported.encode_image(batch), trained.encode_image(batch))
+    assert torch.equal(exported.encode_text(CAPTIONS), trained.encode_text(CAPTIONS))
+    summary = json.loads(result.stdout.strip().splitlines()[-1])["clip_retrieval"]
+    assert set(summary) == {"seen", "held_out"}
+    assert summary["seen"]["num_images"] > 0
+
+
+@pytest.mark.slow
+def test_rerun_resumes_from_the_last_checkpoint(trained_run):
+    run_dir, _ = trained_run
+    result = train_clip(run_dir, "trainer.max_steps=50")
+    assert "Resuming from" in result.stdout
+    checkpoint = torch.load(run_dir / "checkpoints" / "clip" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 50

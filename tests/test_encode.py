@@ -1,0 +1,322 @@
+"""Encoded shards: what they hold, resume after a kill, and refusing shards of another model."""
+
+import hashlib
+import io
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import generator.encoding
+from generator.clip import CLIPConfig, build_small_clip, load_clip, save_trained_clip
+from generator.data import EncodedDataModule, EncodedDataset, load_manifest
+from generator.encoding import encode_run
+from generator.shards import ShardMismatchError, read_shard
+from tokenizer import VQGAN, VQGANConfig
+from tokenizer.data import DataConfig, build_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeCLIP:
+    """Follows generator.clip.CLIPEncoder's interface: fixed random projections of pooled
+    pixels and of a caption's byte histogram, l2-normalised."""
+
+    embed_dim = 16
+
+    def __init__(self, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.image_projection = torch.randn(3 * 4 * 4, self.embed_dim, generator=generator)
+        self.text_projection = torch.randn(256, self.embed_dim, generator=generator)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(images, 4).flatten(1)  # (B, 48)
+        return F.normalize(pooled @ self.image_projection, dim=-1)
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        counts = torch.zeros(len(captions), 256)
+        for row, caption in enumerate(captions):
+            for byte in caption.encode():
+                counts[row, byte] += 1
+        return F.normalize(counts @ self.text_projection, dim=-1)
+
+    def fingerprint(self) -> str:
+        weights = torch.cat([self.image_projection.flatten(), self.text_projection.flatten()])
+        return hashlib.sha256(weights.numpy().tobytes()).hexdigest()
+
+
+def save_tokenizer(run_dir: Path, seed: int = 0) -> VQGAN:
+    torch.manual_seed(seed)
+    vqgan = VQGAN(VQGANConfig.tiny()).eval()
+    vqgan.save_pretrained(run_dir / "tokenizer")
+    return vqgan
+
+
+def shapes_config(**overrides) -> DataConfig:
+    values = dict(num_train=10, num_val=3, batch_size=4, num_workers=0)
+    return DataConfig(source="shapes", **{**values, **overrides})
+
+
+def encoded_files(run_dir: Path) -> dict[str, bytes]:
+    root = run_dir / "encoded"
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_after(monkeypatch, shards: int, leave_temporary: bool = False) -> None:
+    """Make the encode die after writing `shards` shards, optionally mid-way through the next."""
+    write_shard = generator.encoding.write_shard
+    written = []
+
+    def write_or_die(path: Path, *args, **kwargs):
+        if len(written) == shards:
+            if leave_temporary:
+                (path.parent / f".{path.name}.k1ll3d.tmp").write_bytes(b"half a shard")
+            raise Killed
+        written.append(path)
+        return write_shard(path, *args, **kwargs)
+
+    monkeypatch.setattr(generator.encoding, "write_shard", write_or_die)
+
+
+def image_bytes(array: np.ndarray, format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def write_images(root: Path) -> list[tuple[str, bytes, str]]:
+    """Eleven small images (one of them corrupt, two without captions) under `root`."""
+    rng = np.random.default_rng(0)
+    files = []
+    for index in range(11):
+        array = rng.integers(0, 256, (30 + index, 40, 3), dtype=np.uint8)
+        data = b"not an image" if index == 4 else image_bytes(array, "PNG")
+        caption = "" if index in (2, 7) else f"picture {index}"
+        files.append((f"image{index:02d}", data, caption))
+    root.mkdir(parents=True)
+    for key, data, caption in files:
+        (root / f"{key}.png").write_bytes(data)
+        if caption:
+            (root / f"{key}.txt").write_text(caption)
+    return files
+
+
+def write_tars(root: Path, files: list[tuple[str, bytes, str]]) -> None:
+    root.mkdir(parents=True)
+    for part, start in enumerate(range(0, len(files), 4)):
+        with wds.TarWriter(str(root / f"part-{part:03d}.tar")) as writer:
+            for key, data, caption in files[start : start + 4]:
+                writer.write({"__key__": key, "png": data, "txt": caption})
+
+
+def data_config(source: str, tmp_path: Path) -> DataConfig:
+    if source == "shapes":
+        return shapes_config()
+    images = tmp_path / "images"
+    files = write_images(images)
+    path = images
+    if source == "webdataset":
+        path = tmp_path / "tars"
+        write_tars(path, files)
+    return DataConfig(source=source, path=str(path), val_fraction=0.0, batch_size=3, num_workers=0)
+
+
+def test_shards_decode_to_the_images_encoded_on_the_fly(tmp_path):
+    vqgan = save_tokenizer(tmp_path)
+    clip = FakeCLIP()
+    config = shapes_config()
+    outcome = encode_run(tmp_path, config, clip, shard_size=4)
+    manifest = outcome.manifest
+    assert not outcome.already_done
+    assert [(s.name, s.num_samples, len(s.shards)) for s in manifest.splits] == [
+        ("train", 10, 3),
+        ("val", 3, 1),
+    ]
+    assert manifest.plan.codes_dtype == "uint16" and manifest.plan.embedding_dtype == "float16"
+    assert manifest.plan.grid_size == (8, 8) and manifest.plan.num_codes == 64
+    assert read_shard(tmp_path / "encoded" / "train" / "shard-000000.safetensors").codes.dtype == (
+        np.uint16
+    )
+
+    dataset = EncodedDataset(tmp_path, "train")
+    source = build_dataset(config, "train", train=False)
+    assert len(dataset) == len(source) == 10
+    for start in range(0, 10, 4):  # the batches the encode ran: shard by shard
+        rows = range(start, min(start + 4, 10))
+        images = torch.stack([source[i].image for i in rows])
+        stored = [dataset[i] for i in rows]
+        codes = torch.stack([s.codes for s in stored]).view(-1, 8, 8)
+        assert codes.dtype == torch.long
+        assert torch.equal(codes, vqgan.encode(images))
+        assert torch.equal(vqgan.decode(codes), vqgan.decode(vqgan.encode(images)))
+        image_embeddings = torch.stack([s.image_embedding for s in stored])
+        text_embeddings = torch.stack([s.text_embedding for s in stored])
+        captions = [source[i].caption for i in rows]
+        assert torch.allclose(image_embeddings, clip.encode_image(images), atol=2e-3)
+        assert torch.allclose(text_embeddings, clip.encode_text(captions), atol=2e-3)
+        assert [s.caption for s in stored] == captions
+        assert all(s.has_text for s in stored)
+
+
+@pytest.mark.parametrize("source", ["shapes", "folder", "webdataset"])
+def test_a_killed_encode_resumes_to_the_same_bytes(tmp_path, monkeypatch, source):
+    config = data_config(source, tmp_path)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    for run_dir in (whole, resumed):
+        save_tokenizer(run_dir)
+    encode_run(whole, config, FakeCLIP(), splits=["train"], shard_size=3)
+
+    with monkeypatch.context() as patch:
+        kill_after(patch, shards=2)
+        with pytest.raises(Killed):
+            encode_run(resumed, config, FakeCLIP(), splits=["train"], shard_size=3)
+    assert not (resumed / "encoded" / "manifest.json").exists()
+    kept = sorted((resumed / "encoded" / "train").glob("shard-*"))
+    assert len(kept) == 2
+    stamps = [path.stat().st_mtime_ns for path in kept]
+    encode_run(resumed, config, FakeCLIP(), splits=["train"], shard_size=3)
+
+    assert [path.stat().st_mtime_ns for path in kept] == stamps  # resumed, not started over
+    assert encoded_files(resumed) == encoded_files(whole)
+    record = load_manifest(whole).split("train")
+    if source == "shapes":
+        assert record.num_samples == record.num_captioned == 10
+    else:  # one corrupt file skipped, not replaced by its neighbour; two without captions
+        captions = [EncodedDataset(whole, "train")[i].caption for i in range(10)]
+        assert record.num_samples == 10 and record.num_captioned == 8
+        assert captions.count("") == 2 and len(set(captions)) == 9
+
+
+def test_a_half_written_shard_is_ignored_and_rewritten(tmp_path, monkeypatch):
+    save_tokenizer(tmp_path / "whole")
+    save_tokenizer(tmp_path / "resumed")
+    encode_run(tmp_path / "whole", shapes_config(), FakeCLIP(), splits=["train"], shard_size=4)
+    with monkeypatch.context() as patch:
+        kill_after(patch, shards=1, leave_temporary=True)
+        with pytest.raises(Killed):
+            encode_run(tmp_path / "resumed", shapes_config(), FakeCLIP(), ["train"], shard_size=4)
+    split_dir = tmp_path / "resumed" / "encoded" / "train"
+    assert [p.name for p in split_dir.glob(".shard-*.tmp")] == [
+        ".shard-000001.safetensors.k1ll3d.tmp"
+    ]
+    encode_run(tmp_path / "resumed", shapes_config(), FakeCLIP(), ["train"], shard_size=4)
+    assert encoded_files(tmp_path / "resumed") == encoded_files(tmp_path / "whole")
+
+
+def test_a_finished_encode_does_nothing(tmp_path):
+    save_tokenizer(tmp_path)
+    encode_run(tmp_path, shapes_config(), FakeCLIP(), shard_size=4)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "encoded").rglob("*")}
+    outcome = encode_run(tmp_path, shapes_config(), FakeCLIP(), shard_size=4)
+    assert outcome.already_done
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "encoded").rglob("*")} == stamps
+
+
+def test_encoding_with_another_model_refuses_unless_overwrite(tmp_path):
+    save_tokenizer(tmp_path)
+    encode_run(tmp_path, shapes_config(), FakeCLIP(), shard_size=4)
+    with pytest.raises(ShardMismatchError, match="another CLIP.*overwrite=true"):
+        encode_run(tmp_path, shapes_config(), FakeCLIP(seed=1), shard_size=4)
+    with pytest.raises(ShardMismatchError, match="shard_size=4 \\(now 5\\)"):
+        encode_run(tmp_path, shapes_config(), FakeCLIP(), shard_size=5)
+    save_tokenizer(tmp_path, seed=1)
+    with pytest.raises(ShardMismatchError, match="another tokenizer"):
+        encode_run(tmp_path, shapes_config(), FakeCLIP(), shard_size=4)
+    outcome = encode_run(tmp_path, shapes_config(), FakeCLIP(seed=1), shard_size=4, overwrite=True)
+    assert outcome.manifest.plan.clip_fingerprint == FakeCLIP(seed=1).fingerprint()
+    assert len(EncodedDataset(tmp_path, "train")) == 10
+
+
+def test_a_split_the_data_lacks_is_refused_before_any_work(tmp_path):
+    save_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="no val split"):
+        encode_run(tmp_path, shapes_config(num_val=0), FakeCLIP(), splits=["train", "val"])
+    assert not (tmp_path / "encoded").exists()
+
+
+def test_stage_two_refuses_shards_of_another_tokenizer(tmp_path):
+    save_tokenizer(tmp_path)
+    encode_run(tmp_path, shapes_config(), FakeCLIP(), shard_size=4)
+    save_tokenizer(tmp_path, seed=1)  # retrained, not re-encoded
+    message = "made by another tokenizer .*: run scripts/encode.py"
+    with pytest.raises(ShardMismatchError, match=message):
+        EncodedDataset(tmp_path, "train")
+    with pytest.raises(ShardMismatchError, match=message):
+        EncodedDataModule(tmp_path, batch_size=4).setup("fit")
+
+
+def test_datamodule_batches_and_workers_see_every_sample_once(tmp_path):
+    save_tokenizer(tmp_path)
+    encode_run(tmp_path, shapes_config(num_train=12), FakeCLIP(), shard_size=5)
+    data = EncodedDataModule(tmp_path, batch_size=4, num_workers=0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch.codes.shape == (4, 64) and batch.codes.dtype == torch.long
+    assert batch.image_embedding.shape == batch.text_embedding.shape == (4, FakeCLIP.embed_dim)
+    assert batch.image_embedding.dtype == torch.float32 and batch.has_text.dtype == torch.bool
+    assert len(batch.caption) == 4 and all(isinstance(c, str) for c in batch.caption)
+    assert len(data.val_dataloader().dataset) == 3
+
+    dataset = data.datasets["train"]
+    expected = [dataset[i].caption for i in range(len(dataset))]
+    assert len(pickle.dumps(dataset)) < 10_000  # workers get paths, not copies of the shards
+    loader = DataLoader(dataset, batch_size=5, num_workers=2)
+    assert [caption for batch in loader for caption in batch.caption] == expected
+
+
+def test_encode_config_composes_with_its_defaults():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="encode", overrides=["run_dir=RUN"])
+    assert isinstance(instantiate(cfg.data, _convert_="all"), DataConfig)
+    assert isinstance(instantiate(cfg.clip, _convert_="all"), CLIPConfig)
+    assert list(cfg.splits) == ["train", "val"] and not cfg.overwrite
+
+
+def test_encode_script_end_to_end(tmp_path):
+    """scripts/encode.py with a small CLIP saved into RUN/clip; a rerun does nothing."""
+    vqgan = save_tokenizer(tmp_path)
+    clip_config = instantiate(OmegaConf.load(ROOT / "conf" / "clip" / "tiny.yaml"), _convert_="all")
+    torch.manual_seed(0)
+    save_trained_clip(build_small_clip(clip_config), clip_config, tmp_path / "clip")
+    overrides = [
+        f"run_dir={tmp_path}",
+        "clip=tiny",
+        "data.num_train=6",
+        "data.num_val=2",
+        "data.num_workers=0",
+        "shard_size=4",
+        "device=cpu",
+    ]
+    command = [sys.executable, str(ROOT / "scripts" / "encode.py"), *overrides]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    clip = load_clip(clip_config, tmp_path)
+    dataset = EncodedDataset(tmp_path, "train")
+    assert dataset.manifest.plan.clip_fingerprint == clip.fingerprint()
+    source = build_dataset(shapes_config(num_train=6), "train", train=False)
+    images = torch.stack([source[i].image for i in range(6)])
+    stored = torch.stack([dataset[i].image_embedding for i in range(6)])
+    assert len(dataset) == 6
+    assert torch.allclose(stored, clip.encode_image(images), atol=2e-3)
+    assert torch.equal(
+        torch.stack([dataset[i].codes for i in range(6)]).view(6, 8, 8)[:4],
+        vqgan.encode(images[:4]),
+    )
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
