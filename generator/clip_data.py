@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from tokenizer.data import DataConfig, ReportingDataLoader, ShapesDataset, build_dataset, has_split
+from tokenizer.data import DataConfig, ShapesDataset, build_dataset, has_split, make_loader
 from tokenizer.shapes import Query, Scene, ShapesExample, parse_caption, scene_matches
 
 CACHE_BYTES = 1 << 30  # shapes splits whose uint8 pixels fit are drawn once, then kept
@@ -147,17 +147,8 @@ class CaptionDataModule(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader | list:
         if not has_split(self.config, split):
             return []  # Lightning runs no loop for an empty list
-        dataset, train = self._dataset(split), split == "train"
-        workers = self.config.num_workers
-        return ReportingDataLoader(
-            dataset,
-            batch_size=self.config.batch_size,
-            shuffle=train and not isinstance(dataset, IterableDataset),
-            drop_last=train,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=DistinctCaptions(),
+        return make_loader(
+            self._dataset(split), self.config, train=split == "train", collate_fn=DistinctCaptions()
         )
 
     def train_dataloader(self) -> DataLoader:

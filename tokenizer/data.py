@@ -559,6 +559,23 @@ class ShardDataset(IterableDataset):
         yield from pipeline.map(self._decode, handler=self._on_error)
 
 
+def make_loader(
+    dataset: Dataset, config: DataConfig, train: bool, collate_fn=None
+) -> ReportingDataLoader:
+    """Batches of `dataset` as the config says; shuffled and full batches only in training."""
+    workers = config.num_workers
+    return ReportingDataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=train and not isinstance(dataset, IterableDataset),
+        drop_last=train,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=collate_fn,
+    )
+
+
 def build_dataset(config: DataConfig, split: str, train: bool | None = None) -> Dataset:
     """One split of the configured source. `train` (default: split == "train") turns on the
     random augmentations the config allows."""
@@ -596,17 +613,7 @@ class ImageDataModule(L.LightningDataModule):
             return []  # Lightning runs no loop for an empty list
         if split not in self.datasets:
             self.datasets[split] = build_dataset(self.config, split)
-        dataset, train = self.datasets[split], split == "train"
-        workers = self.config.num_workers
-        return ReportingDataLoader(
-            dataset,
-            batch_size=self.config.batch_size,
-            shuffle=train and not isinstance(dataset, IterableDataset),
-            drop_last=train,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return make_loader(self.datasets[split], self.config, train=split == "train")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
