@@ -1,6 +1,9 @@
 """Evaluate what a run directory holds; prints one JSON object last, writes RUN/eval.json.
 
-python scripts/evaluate.py run_dir=RUN [data=...] [split=test] [max_images=1000]
+    python scripts/evaluate.py run_dir=RUN [data=...] [split=test] [max_images=1000]
+
+Tokenizer: reconstruction metrics (and a Fréchet distance in CLIP image-feature space when
+RUN/clip holds a CLIP). CLIP, where present: zero-shot retrieval on the shapes benchmark.
 """
 
 import dataclasses
@@ -12,10 +15,24 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from generator.clip import CLIPConfig, CLIPEncoder, load_clip
+from generator.clip_eval import shapes_retrieval
 from tokenizer import VQGAN
-from tokenizer.data import ImageDataModule
-from tokenizer.evaluation import evaluate_tokenizer
+from tokenizer.data import ImageDataModule, build_dataset
+from tokenizer.evaluation import FeatureExtractor, evaluate_tokenizer
 from tokenizer.io import atomic_write_text
+
+
+def clip_in_run(run_dir: Path, device: torch.device) -> CLIPEncoder | None:
+    """The CLIP trained into RUN/clip, or None where train_clip has not run."""
+    if not (run_dir / "clip" / "config.json").is_file():
+        return None
+    return load_clip(CLIPConfig(source="trained"), run_dir, device)
+
+
+def clip_features(clip: CLIPEncoder) -> FeatureExtractor:
+    """CLIP image embeddings of [0, 1] images, for the Fréchet distance."""
+    return FeatureExtractor(lambda images: clip.encode_image(images * 2 - 1), clip.embed_dim)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
@@ -23,14 +40,23 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     device = torch.device(cfg.device)
     vqgan = VQGAN.from_pretrained(run_dir / "tokenizer", device=device)
+    clip = clip_in_run(run_dir, device)
     with open_dict(cfg):
         cfg.data.image_size = vqgan.config.image_size
     data_config = instantiate(cfg.data, _convert_="all")
+    on_shapes = data_config.source == "shapes"
     loader = getattr(ImageDataModule(data_config), f"{cfg.split}_dataloader")()
     tokenizer = evaluate_tokenizer(
-        vqgan, loader, max_images=cfg.max_images, use_checker=data_config.source == "shapes"
+        vqgan,
+        loader,
+        max_images=cfg.max_images,
+        use_checker=on_shapes,
+        frechet_features=clip_features(clip) if clip is not None else None,
     )
     results = {"split": cfg.split, "tokenizer": dataclasses.asdict(tokenizer)}
+    if clip is not None and on_shapes:
+        retrieval = shapes_retrieval(clip, build_dataset(data_config, cfg.split), cfg.max_images)
+        results["clip_retrieval"] = dataclasses.asdict(retrieval)
     text = json.dumps(results, indent=2)
     atomic_write_text(run_dir / "eval.json", text + "\n")
     print(f"Evaluation written to {run_dir / 'eval.json'}")

@@ -148,3 +148,33 @@ def test_evaluate_prints_json_with_the_documented_keys(trained_run):
     }
     assert tokenizer["num_images"] == 16 and tokenizer["num_codes_counted"] == 16 * 64
     assert 0 < tokenizer["usage"] <= 1 and tokenizer["checker_accuracy_originals"] == 1.0
+
+
+def test_evaluate_adds_clip_retrieval_and_frechet_distance_when_the_run_has_a_clip(
+    trained_run, tmp_path
+):
+    from generator.clip import CLIPConfig, build_small_clip, save_trained_clip
+
+    run_dir = tmp_path / "run"
+    (run_dir / "tokenizer").mkdir(parents=True)
+    for file in (trained_run / "tokenizer").iterdir():
+        (run_dir / "tokenizer" / file.name).write_bytes(file.read_bytes())
+    config = CLIPConfig(
+        source="trained",
+        embed_dim=16,
+        vision_width=16,
+        vision_layers=1,
+        vision_heads=1,
+        text_width=16,
+        text_layers=1,
+        text_heads=1,
+    )
+    save_trained_clip(build_small_clip(config), config, run_dir / "clip")
+    result = run_script("evaluate.py", f"run_dir={run_dir}", "max_images=16", "data.num_workers=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = json.loads(result.stdout[result.stdout.index("{") :])
+    assert printed["tokenizer"]["frechet_distance"] >= 0
+    seen = printed["clip_retrieval"]["seen"]
+    assert seen["num_images"] > 0
+    assert 0 <= seen["image_to_text_top1"] <= seen["image_to_text_top5"] <= 1
+    assert "held_out" in printed["clip_retrieval"]  # 16 images may hold no held-out pair
