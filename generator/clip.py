@@ -57,17 +57,18 @@ class CLIPConfig:
     cache_dir: str = ""  # where open_clip caches downloads; "" is its default
     quick_gelu: bool = False  # file: the OpenAI weights need QuickGELU; the zoo tag sets it itself
     # The small CLIP trained here (source=trained): open_clip's CLIP class at this size.
-    embed_dim: int = 128
+    # The defaults are the shapes preset (conf/clip/shapes.yaml).
+    embed_dim: int = 64
     image_size: int = 32  # CLIP's input size; the shapes images need no resize at 32
-    patch_size: int = 4
+    patch_size: int = 8
     vision_width: int = 128
     vision_layers: int = 3
     vision_heads: int = 4
-    vision_pos_embed: str = "learnable"  # or "sin_cos_2d": fixed 2D sine-cosine positions
-    text_width: int = 128
-    text_layers: int = 3
-    text_heads: int = 4
-    context_length: int = 32  # tokens per caption, start and end included; longer ones are cut
+    vision_pos_embed: str = "sin_cos_2d"  # fixed 2D sine-cosine positions, or "learnable"
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    context_length: int = 24  # tokens per caption, start and end included; longer ones are cut
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

@@ -7,6 +7,12 @@ loss pushes apart an image and a caption that do belong together. On shapes this
 several scenes), so each batch keeps an item only if no kept caption describes its scene and
 its caption describes no kept scene (checked with the shapes caption parser). Elsewhere, items
 with the same caption text are the duplicates. Dropped items make the batch a little smaller.
+
+Shapes images can also be captioned by their canonical caption (`canonical_fraction` of the
+time): one fully specified phrasing per scene is a cleaner target than the sampled phrasings,
+some of which leave attributes out, and it is the phrasing zero-shot retrieval ranks. A CLIP
+trained on canonical captions alone would read other phrasings ("a red circle") poorly, so
+the rest keep the sampled caption.
 """
 
 from __future__ import annotations
@@ -19,7 +25,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from tokenizer.data import DataConfig, ShapesDataset, build_dataset, has_split, make_loader
-from tokenizer.shapes import Query, Scene, ShapesExample, parse_caption, scene_matches
+from tokenizer.shapes import (
+    Query,
+    Scene,
+    ShapesExample,
+    canonical_caption,
+    parse_caption,
+    scene_matches,
+)
 
 CACHE_BYTES = 1 << 30  # shapes splits whose uint8 pixels fit are drawn once, then kept
 
@@ -43,8 +56,9 @@ class CaptionedDataset(Dataset):
     step, and a run sees every example many times.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, canonical_fraction: float = 0.0) -> None:
         self.dataset = dataset
+        self.canonical_fraction = canonical_fraction
         self.skip_log = getattr(dataset, "skip_log", None)
         self.cache: dict[int, ShapesExample] | None = None
         if isinstance(dataset, ShapesDataset):
@@ -66,7 +80,10 @@ class CaptionedDataset(Dataset):
         if isinstance(self.dataset, ShapesDataset):
             example = self._example(index)
             image = torch.from_numpy(example.image).permute(2, 0, 1).float() / 127.5 - 1
-            return CaptionedImage(image, example.caption, example.scene)
+            caption = example.caption
+            if torch.rand(()).item() < self.canonical_fraction:
+                caption = canonical_caption(example.scene)
+            return CaptionedImage(image, caption, example.scene)
         sample = self.dataset[index]
         return CaptionedImage(sample.image, sample.caption, None)
 
@@ -132,17 +149,26 @@ class DistinctCaptions:
 
 
 class CaptionDataModule(L.LightningDataModule):
-    """Train/val loaders of distinct-caption batches from any data source."""
+    """Train/val loaders of distinct-caption batches from any data source; on shapes,
+    `canonical_fraction` of the training captions are canonical (validation keeps the sampled
+    ones)."""
 
-    def __init__(self, config: DataConfig) -> None:
+    def __init__(self, config: DataConfig, canonical_fraction: float = 0.0) -> None:
         super().__init__()
+        if not 0 <= canonical_fraction <= 1:
+            raise ValueError(
+                f"canonical_captions must be in [0, 1], got {canonical_fraction}: it is the "
+                "fraction of shapes training captions replaced by the canonical one."
+            )
         self.config = config
+        self.canonical_fraction = canonical_fraction
 
     def _dataset(self, split: str) -> Dataset:
         dataset = build_dataset(self.config, split)
         if isinstance(dataset, IterableDataset):
             return CaptionedStream(dataset)
-        return CaptionedDataset(dataset)
+        fraction = self.canonical_fraction if split == "train" else 0.0
+        return CaptionedDataset(dataset, fraction)
 
     def _loader(self, split: str) -> DataLoader | list:
         if not has_split(self.config, split):

@@ -23,7 +23,7 @@ from generator.clip import (
     load_clip,
     save_trained_clip,
 )
-from generator.clip_data import CaptionedImage, DistinctCaptions
+from generator.clip_data import CaptionDataModule, CaptionedImage, DistinctCaptions
 from generator.clip_eval import in_batch_retrieval, shapes_retrieval
 from tokenizer.data import DataConfig, Sample, build_dataset
 from tokenizer.shapes import Scene, ShapeObject, attribute_combinations, canonical_caption, check
@@ -36,6 +36,7 @@ TINY_SMALL = {  # the small CLIP trained here, at test size
     "vision_width": 16,
     "vision_layers": 1,
     "vision_heads": 2,
+    "vision_pos_embed": "learnable",  # the tiny preset covers sin_cos_2d
     "text_width": 16,
     "text_layers": 1,
     "text_heads": 2,
@@ -244,6 +245,7 @@ def test_bad_inputs_raise_clear_errors(trained_dir):
         ({"source": "trained", "text_width": 30, "text_heads": 4}, "text_heads"),
         ({"source": "trained", "vision_layers": 0}, "vision_layers"),
         ({"source": "trained", "context_length": 2}, "context_length"),
+        ({"source": "trained", "vision_pos_embed": "rope"}, "vision_pos_embed"),
     ],
 )
 def test_bad_config_values_are_refused(fields, message):
@@ -303,6 +305,23 @@ def test_batches_keep_no_two_items_that_one_caption_describes():
     assert batch.images.shape == (3, 3, 32, 32)
     duplicates = [CaptionedImage(image, text, None) for text in ("a cat", "A cat ", "a dog")]
     assert DistinctCaptions()(duplicates).captions == ["a cat", "a dog"]
+
+
+def test_training_captions_can_be_canonical_and_validation_keeps_the_sampled_ones():
+    config = DataConfig(num_train=16, num_val=16, batch_size=16, num_workers=0)
+    module = CaptionDataModule(config, canonical_fraction=1.0)
+
+    def captions(split: str) -> tuple[set[str], set[str]]:
+        examples = [build_dataset(config, split).example(i) for i in range(16)]
+        return {e.caption for e in examples}, {canonical_caption(e.scene) for e in examples}
+
+    train = next(iter(module.train_dataloader())).captions
+    assert len(train) >= 8 and set(train) <= captions("train")[1]
+    validation = next(iter(module.val_dataloader())).captions
+    sampled, canonical = captions("val")
+    assert set(validation) <= sampled and not set(validation) <= canonical
+    with pytest.raises(ValueError, match="canonical_captions"):
+        CaptionDataModule(config, canonical_fraction=1.5)
 
 
 # ---------------------------------------------------------------------------------------------
