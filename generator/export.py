@@ -1,0 +1,151 @@
+"""The exported generator, RUN/generator/, and the check that a run's parts belong together.
+
+    RUN/generator/
+      model.safetensors   the GPT's weights (the EMA weights where training kept an EMA)
+      config.json         its GPTConfig
+      provenance.json     which tokenizer and CLIP made the codes and embeddings it learnt from,
+                          and which condition (text, image or mixed) it was trained on
+
+A generator writes codes of one tokenizer given embeddings of one CLIP: beside another
+tokenizer its codes decode to noise, and given another CLIP's embeddings it ignores the prompt.
+`check_belongs_together` refuses such a run directory before any sampling. Loading reads JSON
+and safetensors only, never a pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from generator.gpt import GPT, GPTConfig
+from generator.shards import tokenizer_fingerprint
+from tokenizer.io import atomic_write, load_config, save_config
+from tokenizer.vqgan import CONFIG_FILE as TOKENIZER_CONFIG_FILE
+from tokenizer.vqgan import CONFIG_KIND as TOKENIZER_CONFIG_KIND
+from tokenizer.vqgan import WEIGHTS_FILE as TOKENIZER_WEIGHTS_FILE
+from tokenizer.vqgan import VQGANConfig
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+PROVENANCE_FILE = "provenance.json"
+CONFIG_KIND = "gpt"
+PROVENANCE_KIND = "generator_provenance"
+CONDITIONS = ("text", "image", "mixed")
+
+
+class RunMismatchError(ValueError):
+    """A generator beside a tokenizer or CLIP other than the ones it was trained with."""
+
+
+@dataclass
+class Provenance:
+    tokenizer_fingerprint: str  # generator.shards.tokenizer_fingerprint of RUN/tokenizer
+    clip_fingerprint: str  # CLIPEncoder.fingerprint() of the CLIP that made the embeddings
+    condition: str  # "text", "image" or "mixed": what the generator was conditioned on
+
+    def __post_init__(self) -> None:
+        if self.condition not in CONDITIONS:
+            raise ValueError(
+                f"condition must be one of {list(CONDITIONS)}, got {self.condition!r}."
+            )
+
+
+class LoadedGenerator(NamedTuple):
+    model: GPT
+    provenance: Provenance
+
+
+def save_generator(model: GPT, provenance: Provenance, directory: str | Path) -> Path:
+    """Write weights, config and provenance into `directory`, each file atomically."""
+    directory = Path(directory)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    save_config(model.config, directory / CONFIG_FILE, kind=CONFIG_KIND)
+    save_config(provenance, directory / PROVENANCE_FILE, kind=PROVENANCE_KIND)
+    return directory
+
+
+def load_generator(directory: str | Path, device: str | torch.device = "cpu") -> LoadedGenerator:
+    """The generator `save_generator` wrote, in eval mode on `device`."""
+    directory = Path(directory)
+    missing = [
+        name
+        for name in (WEIGHTS_FILE, CONFIG_FILE, PROVENANCE_FILE)
+        if not (directory / name).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"no generator in {directory} ({', '.join(missing)} missing): run "
+            f"scripts/train_generator.py run_dir={directory.parent} first."
+        )
+    config = load_config(GPTConfig, directory / CONFIG_FILE, kind=CONFIG_KIND)
+    provenance = load_config(Provenance, directory / PROVENANCE_FILE, kind=PROVENANCE_KIND)
+    model = GPT(config)
+    state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
+    _check_tensors(state, model.state_dict(), directory)
+    model.load_state_dict(state, strict=True)
+    return LoadedGenerator(model.to(device).eval(), provenance)
+
+
+def _check_tensors(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], directory: Path
+) -> None:
+    wrong = sorted(
+        name
+        for name in set(state) | set(expected)
+        if name not in state or name not in expected or state[name].shape != expected[name].shape
+    )
+    if wrong:
+        raise ValueError(
+            f"{directory / WEIGHTS_FILE} does not match {directory / CONFIG_FILE} (tensors "
+            f"{wrong[:3]} differ): export the generator again with scripts/train_generator.py."
+        )
+
+
+def check_belongs_together(
+    provenance: Provenance,
+    run_dir: str | Path,
+    clip_fingerprint: str | None = None,
+    *,
+    config: GPTConfig | None = None,
+) -> None:
+    """Refuse a generator whose tokenizer is not RUN/tokenizer, or whose CLIP is not the one
+    with `clip_fingerprint` (skipped when None). With its `config`, the codebook size and code
+    grid are compared too, so the message can say what differs."""
+    run_dir = Path(run_dir)
+    tokenizer_dir = run_dir / "tokenizer"
+    if not (tokenizer_dir / TOKENIZER_WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"no tokenizer in {tokenizer_dir}: the generator can only decode with the tokenizer "
+            "it was trained with; put it back or train the whole run again."
+        )
+    differences = []
+    if config is not None:
+        tokenizer = load_config(
+            VQGANConfig, tokenizer_dir / TOKENIZER_CONFIG_FILE, kind=TOKENIZER_CONFIG_KIND
+        )
+        if tokenizer.quantizer.num_codes != config.vocab_size:
+            differences.append(
+                f"a codebook of {tokenizer.quantizer.num_codes} codes, not {config.vocab_size}"
+            )
+        if tuple(tokenizer.grid_size) != tuple(config.grid_size):
+            differences.append(f"a {tokenizer.grid_size} grid, not {config.grid_size}")
+    if not differences and tokenizer_fingerprint(tokenizer_dir) != provenance.tokenizer_fingerprint:
+        differences.append("other weights")
+    if differences:
+        raise RunMismatchError(
+            f"the generator in {run_dir / 'generator'} was trained with another tokenizer than "
+            f"{tokenizer_dir} (it has {', '.join(differences)}): put back the tokenizer it was "
+            f"trained with, or encode again (scripts/encode.py run_dir={run_dir} overwrite=true) "
+            f"and retrain the generator after deleting {run_dir / 'checkpoints' / 'generator'}."
+        )
+    if clip_fingerprint is not None and clip_fingerprint != provenance.clip_fingerprint:
+        raise RunMismatchError(
+            f"the generator in {run_dir / 'generator'} was trained on embeddings of another "
+            "CLIP than the one configured: pick the clip config it was trained with (the one "
+            f"scripts/encode.py used for {run_dir / 'encoded'})."
+        )
