@@ -4,6 +4,9 @@
 
 Tokenizer: reconstruction metrics (and a Fréchet distance in CLIP image-feature space when
 RUN/clip holds a CLIP). CLIP, where present: zero-shot retrieval on the shapes benchmark.
+Generator, where RUN/generator exists: CLIP score and Fréchet distance of samples, on shapes
+caption accuracy by the attribute checker (with and without guidance), and the consistency
+and diversity of variations; see generator/evaluation.py.
 """
 
 import dataclasses
@@ -17,8 +20,17 @@ from omegaconf import DictConfig, open_dict
 
 from generator.clip import CLIPConfig, CLIPEncoder, load_clip
 from generator.clip_eval import shapes_retrieval
+from generator.evaluation import (
+    GeneratorMetrics,
+    caption_prompts,
+    evaluate_generator,
+    first_images,
+    shapes_prompts,
+    shapes_sources,
+)
+from generator.pipeline import Pipeline
 from tokenizer import VQGAN
-from tokenizer.data import ImageDataModule, build_dataset
+from tokenizer.data import DataConfig, ImageDataModule, build_dataset
 from tokenizer.evaluation import FeatureExtractor, evaluate_tokenizer
 from tokenizer.io import atomic_write_text
 
@@ -33,6 +45,25 @@ def clip_in_run(run_dir: Path, device: torch.device) -> CLIPEncoder | None:
 def clip_features(clip: CLIPEncoder) -> FeatureExtractor:
     """CLIP image embeddings of [0, 1] images, for the Fréchet distance."""
     return FeatureExtractor(lambda images: clip.encode_image(images * 2 - 1), clip.embed_dim)
+
+
+def evaluate_generator_in_run(
+    cfg: DictConfig, run_dir: Path, device: torch.device, data_config: DataConfig
+) -> GeneratorMetrics:
+    """Sample from the run's generator on prompts and images of the evaluation split."""
+    clip_config = instantiate(cfg.clip, _convert_="all") if cfg.get("clip") else None
+    pipeline = Pipeline.from_run_dir(run_dir, device, clip_config)
+    config = instantiate(cfg.generation, _convert_="all")
+    on_shapes = data_config.source == "shapes"
+    if on_shapes:
+        dataset = build_dataset(data_config, cfg.split)
+        prompts = shapes_prompts(dataset, config.num_prompts)
+        sources = shapes_sources(dataset, config.num_sources)
+    else:
+        loader = getattr(ImageDataModule(data_config), f"{cfg.split}_dataloader")
+        prompts = caption_prompts(loader(), config.num_prompts)
+        sources = first_images(loader(), config.num_sources)
+    return evaluate_generator(pipeline, prompts, sources, config, use_checker=on_shapes)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
@@ -57,6 +88,9 @@ def main(cfg: DictConfig) -> None:
     if clip is not None and on_shapes:
         retrieval = shapes_retrieval(clip, build_dataset(data_config, cfg.split), cfg.max_images)
         results["clip_retrieval"] = dataclasses.asdict(retrieval)
+    if (run_dir / "generator").is_dir():
+        generator = evaluate_generator_in_run(cfg, run_dir, device, data_config)
+        results["generator"] = dataclasses.asdict(generator)
     text = json.dumps(results, indent=2)
     atomic_write_text(run_dir / "eval.json", text + "\n")
     print(f"Evaluation written to {run_dir / 'eval.json'}")

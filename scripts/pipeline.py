@@ -1,0 +1,240 @@
+"""The whole job in one command: every stage, in order, into one run directory.
+
+    python scripts/pipeline.py [experiment=quickstart] [run_dir=RUN] ['common=["data=folder",...]']
+                               [stop_after=STAGE]
+
+Each stage is the script a user would run by hand (scripts/train_tokenizer.py, ...), started as
+a subprocess with the settings the experiment config gives it, so its progress bar shows as it
+goes. After each stage one line tells its time and its headline number. A stage that finished
+before with the same settings, and whose output is still there, is reused; once a stage runs
+again, every stage after it runs again too. The state lives in RUN/pipeline.json.
+"""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from generator.report import headline_numbers
+from tokenizer.io import atomic_write_text
+
+SCRIPTS = Path(__file__).resolve().parent
+STATE_FILE = "pipeline.json"
+PLAIN_VALUE = re.compile(r"[\w./:+-]+")
+
+
+def override_value(value: Any) -> str:
+    """A value in Hydra's override grammar: identifiers and numbers bare, text quoted."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(override_value(item) for item in value) + "]"
+    if isinstance(value, str) and PLAIN_VALUE.fullmatch(value):
+        return value
+    return json.dumps(str(value))
+
+
+def overrides(settings: dict[str, Any], prefix: str = "") -> list[str]:
+    """`{"a": {"b": 1}, "c": "x"}` -> `["a.b=1", "c=x"]`: a stage's settings as overrides."""
+    found = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            found += overrides(value, f"{prefix}{key}.")
+        else:
+            found.append(f"{prefix}{key}={override_value(value)}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Headlines: the one number that says how a stage went, from what it printed or wrote
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _json_tail(stdout: str) -> dict[str, Any]:
+    """The JSON object a script printed last, or {}."""
+    start = stdout.rfind("\n{")
+    try:
+        return json.loads(stdout[start + 1 :] if start >= 0 else stdout)
+    except json.JSONDecodeError:
+        return {}
+
+
+def _last_logged(run_dir: Path, stage: str, key: str) -> float | None:
+    """The last value of `key` in RUN/logs/<stage>/metrics.csv."""
+    path = run_dir / "logs" / stage / "metrics.csv"
+    if not path.is_file():
+        return None
+    with path.open(newline="") as file:
+        values = [row[key] for row in csv.DictReader(file) if row.get(key)]
+    return float(values[-1]) if values else None
+
+
+def tokenizer_headline(run_dir: Path, stdout: str) -> str:
+    psnr = _last_logged(run_dir, "tokenizer", "val/psnr")
+    usage = _last_logged(run_dir, "tokenizer", "train/usage")
+    return f"val PSNR {psnr or float('nan'):.2f} dB, codebook usage {_percent(usage)}"
+
+
+def clip_headline(run_dir: Path, stdout: str) -> str:
+    retrieval = _json_tail(stdout).get("clip_retrieval")
+    if not retrieval:
+        return f"val image->caption top-1 {_percent(_last_logged(run_dir, 'clip', 'val/image_to_text_top1'))}"
+    return (
+        f"image->caption top-1 {_percent(retrieval['seen']['image_to_text_top1'])} on seen, "
+        f"{_percent(retrieval['held_out']['image_to_text_top1'])} on held-out combinations"
+    )
+
+
+def encode_headline(run_dir: Path, stdout: str) -> str:
+    manifest = json.loads((run_dir / "encoded" / "manifest.json").read_text())
+    counts = [
+        f"{sum(shard['num_samples'] for shard in split['shards']):,} {split['name']}"
+        for split in manifest["splits"]
+    ]
+    return "samples encoded: " + ", ".join(counts)
+
+
+def generator_headline(run_dir: Path, stdout: str) -> str:
+    return f"val loss {_last_logged(run_dir, 'generator', 'val/loss') or float('nan'):.3f}"
+
+
+def images_headline(run_dir: Path, stdout: str) -> str:
+    written = [line for line in stdout.splitlines() if line.strip().endswith(".png")]
+    return f"{len(written)} images written"
+
+
+def evaluate_headline(run_dir: Path, stdout: str) -> str:
+    results = json.loads((run_dir / "eval.json").read_text())
+    return "; ".join(f"{name} {value}" for name, value in headline_numbers(results).items())
+
+
+def report_headline(run_dir: Path, stdout: str) -> str:
+    return f"report at {run_dir / 'report.html'}"
+
+
+HEADLINES: dict[str, Callable[[Path, str], str]] = {
+    "train_tokenizer": tokenizer_headline,
+    "train_clip": clip_headline,
+    "encode": encode_headline,
+    "train_generator": generator_headline,
+    "make_shapes": images_headline,
+    "sample": images_headline,
+    "variations": images_headline,
+    "evaluate": evaluate_headline,
+    "report": report_headline,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the stages
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_stage(script: str, arguments: list[str], log_file: Path) -> str:
+    """Run scripts/<script>.py; its stderr (progress bars) goes to the terminal, its stdout to
+    the terminal and to `log_file`. Returns the stdout."""
+    command = [sys.executable, str(SCRIPTS / f"{script}.py"), *arguments]
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1) as process:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            lines.append(line)
+    stdout = "".join(lines)
+    atomic_write_text(log_file, stdout)
+    if process.returncode != 0:
+        raise SystemExit(
+            f"\nThe {script} stage failed (exit code {process.returncode}); its output is above "
+            f"and in {log_file}. Fix the cause and run the same command again: finished stages "
+            "are reused and training resumes from its last checkpoint."
+        )
+    return stdout
+
+
+def stage_arguments(cfg: DictConfig, stage: DictConfig) -> list[str]:
+    arguments = [f"run_dir={cfg.run_dir}"] if stage.get("run_dir", True) else []
+    if stage.get("data", False):
+        arguments += list(cfg.common)
+    settings = OmegaConf.to_container(stage.settings, resolve=True) if stage.settings else {}
+    return arguments + overrides(settings)
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = read_state(run_dir)
+    stages = {name: stage for name, stage in cfg.stages.items() if stage is not None}
+    if cfg.stop_after is not None:
+        if cfg.stop_after not in stages:
+            raise SystemExit(
+                f"stop_after={cfg.stop_after} is not a stage: use one of {list(stages)}."
+            )
+        names = list(stages)
+        stages = {name: stages[name] for name in names[: names.index(cfg.stop_after) + 1]}
+    rerun_from_here = False
+    summary = []
+    start = time.monotonic()
+    for number, (name, stage) in enumerate(stages.items(), start=1):
+        arguments = stage_arguments(cfg, stage)
+        done = state.get(name, {})
+        reuse = (
+            not rerun_from_here
+            and done.get("arguments") == arguments
+            and (run_dir / stage.output).exists()
+        )
+        if reuse:
+            line = f"[{number}/{len(stages)}] {name:<11} reused   {done['headline']}"
+        else:
+            print(
+                f"\n[{number}/{len(stages)}] {name}: python scripts/{stage.script}.py "
+                + " ".join(arguments),
+                flush=True,
+            )
+            began = time.monotonic()
+            stdout = run_stage(
+                stage.script, arguments, run_dir / "logs" / "pipeline" / f"{name}.log"
+            )
+            seconds = time.monotonic() - began
+            headline = HEADLINES.get(stage.script, lambda *_: "done")(run_dir, stdout)
+            state[name] = {
+                "arguments": arguments,
+                "seconds": round(seconds, 1),
+                "headline": headline,
+            }
+            atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
+            rerun_from_here = True
+            line = f"[{number}/{len(stages)}] {name:<11} {_clock(seconds):>7}  {headline}"
+        print(line, flush=True)
+        summary.append(line)
+    print(f"\nPipeline finished in {_clock(time.monotonic() - start)}:")
+    print("\n".join(summary))
+    print(f"Pictures: {run_dir / 'samples'}, {run_dir / 'variations'}")
+    print(f"Report:   {run_dir / 'report.html'}")
+
+
+if __name__ == "__main__":
+    main()

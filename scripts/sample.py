@@ -1,0 +1,50 @@
+"""Text to images with a trained run: a PNG grid plus the single images, paths printed.
+
+python scripts/sample.py run_dir=RUN prompt="a red circle" num_images=8 [seed=0] [cfg_scale=3]
+"""
+
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from generator.images import grid_names, output_dir, save_images
+from generator.pipeline import Pipeline, resolve_device
+
+
+def prompts_of(cfg: DictConfig) -> list[str]:
+    prompts = [*([] if cfg.prompt is None else [str(cfg.prompt)]), *map(str, cfg.prompts)]
+    if not prompts:
+        raise ValueError('No prompt given: pass prompt="a red circle" (or prompts=[...]).')
+    return prompts
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    prompts = prompts_of(cfg)
+    clip_config = instantiate(cfg.clip, _convert_="all") if cfg.get("clip") else None
+    pipeline = Pipeline.from_run_dir(
+        run_dir, resolve_device(cfg.device), clip_config, batch_size=cfg.batch_size
+    )
+    generated = pipeline.text_to_image(
+        prompts,
+        cfg.num_images,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        cfg_scale=cfg.cfg_scale,
+        seed=cfg.seed,
+        rerank=cfg.rerank,
+    )
+    name = generated.prompts[0] + (f" and {len(prompts) - 1} more" if len(prompts) > 1 else "")
+    directory = Path(cfg.out) if cfg.out else output_dir(run_dir / "samples", name, cfg.seed)
+    names = grid_names(len(prompts), cfg.num_images)
+    saved = save_images(directory, generated.images, names, per_row=cfg.num_images)
+    print(saved.grid)
+    print("\n".join(map(str, saved.singles)))
+
+
+if __name__ == "__main__":
+    main()

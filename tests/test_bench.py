@@ -1,0 +1,110 @@
+"""scripts/bench.py in quick mode: one JSON object printed last and written, every section filled.
+
+No test here asserts a time: speed is read from the benchmark, never checked by the suite.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = ("encode_contiguous", "encode_channels_last", "decode_contiguous", "decode_channels_last")
+BARS = (
+    "cached_over_naive_256_tokens",
+    "cached_over_naive_64_tokens",
+    "reference_batch1_weight_bandwidth",
+    "reference_batch16_matmul_fraction",
+    "channels_last_encode",
+)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> tuple[dict, dict]:
+    """(the JSON printed last, the JSON written to `out`); bf16=true runs all three samplers
+    even on CPUs where bf16=auto skips the bf16 one."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench.py"),
+            "quick=true",
+            "bf16=true",
+            f"out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout[result.stdout.rindex("\n{") + 1 :]
+    return json.loads(printed), json.loads(out.read_text())
+
+
+def assert_spread(figures: dict) -> None:
+    """A median with its min and max, all positive."""
+    assert 0 < figures["min"] <= figures["median"] <= figures["max"]
+
+
+def assert_measured(entry: dict, unit: str) -> None:
+    assert_spread(entry[f"{unit}_per_s"])
+    assert_spread(entry["seconds"])
+    assert entry["repeats"] >= 1
+    assert entry["gflop_per_run"] > 0 and entry["achieved_gflops"] > 0
+    assert entry["fraction_of_matmul_ceiling"] > 0
+    assert entry["peak_rss_mb"] > 0 and entry["peak_rss_mb"] >= entry["peak_rss_growth_mb"]
+
+
+def test_the_json_printed_last_is_the_one_written(bench):
+    printed, written = bench
+    assert printed == written
+    assert set(written) == {"machine", "tokenizer", "encode", "sampling", "bars", "settings"}
+
+
+def test_machine_ceilings_are_measured(bench):
+    machine = bench[1]["machine"]
+    assert_spread(machine["matmul_float32"]["gflops"])
+    assert_spread(machine["matmul_bfloat16"]["gflops"])
+    assert_spread(machine["copy"]["gbps"])
+    assert machine["name"] and machine["device"] == "cpu"
+
+
+def test_tokenizer_codec_and_training_step(bench):
+    tiny = bench[1]["tokenizer"]["tiny"]
+    for layout in LAYOUTS:
+        assert_measured(tiny[layout], "images")
+    assert tiny["encode_channels_last_over_contiguous"] > 0
+    step = tiny["train_step"]
+    assert_measured(step, "images")
+    # one autoencoder forward per step, reused (detached) by the discriminator step:
+    # the discriminator sees the reconstructions for the GAN term, then real and fake images
+    assert step["module_calls_per_step"] == {"encoder": 1, "decoder": 1, "discriminator": 3}
+
+
+def test_encode_pipeline_throughput(bench):
+    assert_measured(bench[1]["encode"]["tiny"], "images")
+
+
+def test_sampling_cases_and_ratios(bench):
+    generator = bench[1]["sampling"]["tiny_64"]
+    assert generator["flop_counter_over_analytic"] == pytest.approx(1.0, rel=0.02)
+    assert set(generator["cases"]) == {"b1", "b1_cfg", "b2", "b2_cfg"}
+    for case in generator["cases"].values():
+        for implementation in ("cached", "naive", "cached_bf16"):
+            assert_measured(case[implementation], "tokens")
+            assert case[implementation]["weight_read_gbps"] > 0
+        for key in ("cached_over_naive", "bf16_over_fp32_cached", "bf16_cached_over_naive"):
+            assert case[key] > 0
+    assert generator["cases"]["b1_cfg"]["rows"] == 2
+
+
+def test_every_bar_is_reported(bench):
+    bars = bench[1]["bars"]
+    assert set(bars) == set(BARS)
+    for entry in bars.values():
+        assert {"requirement", "threshold", "measured", "met"} <= set(entry)
+    assert bars["cached_over_naive_256_tokens"]["met"] is None  # small_256 is not in quick
+    assert isinstance(bars["channels_last_encode"]["met"], bool)

@@ -1,0 +1,422 @@
+"""The pipeline over a whole run directory: loading, text to image, variations, the scripts."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+
+import generator.pipeline
+from generator.clip import CLIPConfig, build_small_clip, load_clip, save_trained_clip
+from generator.evaluation import (
+    GenerationEvalConfig,
+    attribute_right,
+    evaluate_generator,
+    mean_pairwise_l1,
+    shapes_prompts,
+    shapes_sources,
+)
+from generator.export import Provenance, RunMismatchError, save_generator
+from generator.gpt import GPT, GPTConfig
+from generator.pipeline import Generated, Pipeline, Variations, clean_prompt
+from generator.shards import tokenizer_fingerprint
+from tokenizer import VQGAN, VQGANConfig
+from tokenizer.data import DataConfig, build_dataset
+from tokenizer.shapes import Scene, ShapeObject, parse_caption
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a small red circle in the center", "a large blue square on the left"]
+
+
+def save_tokenizer(run_dir: Path, seed: int = 0) -> VQGAN:
+    torch.manual_seed(seed)
+    vqgan = VQGAN(VQGANConfig.tiny()).eval()
+    vqgan.save_pretrained(run_dir / "tokenizer")
+    return vqgan
+
+
+def save_clip(run_dir: Path, seed: int = 0) -> None:
+    config = instantiate(OmegaConf.load(ROOT / "conf" / "clip" / "tiny.yaml"), _convert_="all")
+    torch.manual_seed(seed)
+    save_trained_clip(build_small_clip(config), config, run_dir / "clip")
+
+
+def save_random_generator(run_dir: Path, provenance: Provenance | None = None) -> GPT:
+    """A randomly initialised tiny GPT for the run's tokenizer and CLIP (no training needed)."""
+    vqgan = VQGAN.from_pretrained(run_dir / "tokenizer")
+    clip = load_clip(CLIPConfig(source="trained"), run_dir)
+    config = GPTConfig.preset(
+        "tiny",
+        vocab_size=vqgan.num_codes,
+        grid_size=vqgan.config.grid_size,
+        clip_dim=clip.embed_dim,
+    )
+    torch.manual_seed(0)
+    model = GPT(config)
+    if provenance is None:
+        fingerprint = tokenizer_fingerprint(run_dir / "tokenizer")
+        provenance = Provenance(fingerprint, clip.fingerprint(), "text")
+    save_generator(model, provenance, run_dir / "generator")
+    return model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """RUN/tokenizer (tiny VQGAN, 8x8 codes of 64), RUN/clip (tiny CLIP), RUN/generator."""
+    run_dir = tmp_path_factory.mktemp("run")
+    save_tokenizer(run_dir)
+    save_clip(run_dir)
+    save_random_generator(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def pipeline(run_dir) -> Pipeline:
+    return Pipeline.from_run_dir(run_dir)
+
+
+def shapes_images(count: int) -> torch.Tensor:
+    dataset = build_dataset(DataConfig(num_test=count, image_size=32), "test")
+    return torch.stack([dataset[i].image for i in range(count)])  # (B, 3, 32, 32)
+
+
+def run_script(name: str, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "scripts" / name), *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def test_a_run_loads_with_its_own_parts(pipeline):
+    assert pipeline.model.config.vocab_size == pipeline.vqgan.num_codes == 64
+    assert pipeline.provenance.clip_fingerprint == pipeline.clip.fingerprint()
+
+
+@pytest.mark.parametrize("wrong", ["tokenizer", "clip"])
+def test_a_generator_of_another_tokenizer_or_clip_is_refused(run_dir, tmp_path, wrong):
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    (save_tokenizer if wrong == "tokenizer" else save_clip)(other, seed=1)
+    message = "another tokenizer" if wrong == "tokenizer" else "another CLIP"
+    with pytest.raises(RunMismatchError, match=message):
+        Pipeline.from_run_dir(other)
+
+
+@pytest.mark.parametrize("field", ["tokenizer_fingerprint", "clip_fingerprint"])
+def test_a_provenance_that_names_other_parts_is_refused(run_dir, tmp_path, field):
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    clip = load_clip(CLIPConfig(source="trained"), other)
+    values = {
+        "tokenizer_fingerprint": tokenizer_fingerprint(other / "tokenizer"),
+        "clip_fingerprint": clip.fingerprint(),
+        "condition": "text",
+    }
+    save_random_generator(other, Provenance(**{**values, field: "0" * 64}))
+    with pytest.raises(RunMismatchError):
+        Pipeline.from_run_dir(other)
+
+
+def test_missing_parts_say_what_to_run(run_dir, tmp_path):
+    no_generator = tmp_path / "no_generator"
+    shutil.copytree(run_dir, no_generator, ignore=shutil.ignore_patterns("generator"))
+    with pytest.raises(FileNotFoundError, match="scripts/train_generator.py"):
+        Pipeline.from_run_dir(no_generator)
+    no_clip = tmp_path / "no_clip"
+    shutil.copytree(run_dir, no_clip, ignore=shutil.ignore_patterns("clip"))
+    with pytest.raises(FileNotFoundError, match="clip="):
+        Pipeline.from_run_dir(no_clip)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text to image
+
+
+def test_text_to_image_returns_the_requested_images(pipeline):
+    out = pipeline.text_to_image(PROMPTS, num_images=3, seed=0)
+    assert out.images.shape == (6, 3, 32, 32) and out.images.dtype == torch.float32
+    assert out.images.min() >= 0 and out.images.max() <= 1
+    assert out.codes.shape == (6, 8, 8) and out.codes.dtype == torch.long
+    assert out.prompts == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    expected = pipeline.vqgan.decode(out.codes)
+    assert torch.allclose(out.images, (expected + 1) / 2, atol=1e-5)
+
+
+def test_the_same_seed_gives_the_same_images(pipeline):
+    first = pipeline.text_to_image(PROMPTS, num_images=2, seed=3, top_k=20)
+    again = pipeline.text_to_image(PROMPTS, num_images=2, seed=3, top_k=20)
+    other = pipeline.text_to_image(PROMPTS, num_images=2, seed=4, top_k=20)
+    assert torch.equal(first.codes, again.codes) and torch.equal(first.images, again.images)
+    assert not torch.equal(first.codes, other.codes)
+    pipeline.batch_size = 3  # sampled in chunks, one generator throughout
+    try:
+        chunked = [pipeline.text_to_image(PROMPTS, 2, seed=3, top_k=20) for _ in range(2)]
+    finally:
+        pipeline.batch_size = 256
+    assert torch.equal(chunked[0].codes, chunked[1].codes)
+
+
+def test_rerank_keeps_the_candidate_clip_ranks_best(pipeline):
+    reranked = pipeline.text_to_image(PROMPTS[:1], num_images=2, seed=0, rerank=4)
+    candidates = pipeline.text_to_image(PROMPTS[:1], num_images=8, seed=0)
+    images = candidates.images * 2 - 1
+    similarity = pipeline.clip.encode_image(images) @ pipeline.clip.encode_text(PROMPTS[:1]).T
+    best = similarity.view(2, 4).argmax(dim=1) + torch.tensor([0, 4])
+    assert torch.equal(reranked.codes, candidates.codes[best])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"temperature": 0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"cfg_scale": -1}, "cfg_scale"),
+        ({"num_images": 0}, "num_images"),
+        ({"rerank": -1}, "rerank"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_invalid_parameters_raise_before_any_work(pipeline, monkeypatch, options, message):
+    def no_work(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(generator.pipeline, "generate", no_work)
+    monkeypatch.setattr(pipeline.clip, "encode_text", no_work)
+    monkeypatch.setattr(pipeline.clip, "encode_image", no_work)
+    with pytest.raises(ValueError, match=message):
+        pipeline.text_to_image(PROMPTS, **options)
+    with pytest.raises(ValueError, match=message):
+        pipeline.variations(shapes_images(1), **options)
+
+
+@pytest.mark.parametrize("prompts", [[""], ["   "], ["a red circle", "\x00\x07\t"], []])
+def test_empty_prompts_raise_before_any_work(pipeline, monkeypatch, prompts):
+    monkeypatch.setattr(generator.pipeline, "generate", None)  # any call would fail differently
+    with pytest.raises(ValueError, match="empty|No prompts"):
+        pipeline.text_to_image(prompts)
+
+
+def test_prompts_are_cleaned_and_cut_to_clip_context(pipeline):
+    assert clean_prompt("a red\x00 circle\u200b\n") == "a red circle"
+    assert clean_prompt(b"a \xff red circle") == "a red circle"
+    assert clean_prompt("a \udcff red circle") == "a red circle"  # an undecodable argv byte
+    with pytest.warns(UserWarning, match="control characters"):
+        out = pipeline.text_to_image(["a red\x07 circle"], seed=0)
+    assert out.prompts == ["a red circle"]
+    long = " ".join(["a small red circle"] * 10)
+    with pytest.warns(UserWarning, match="CLIP tokens .* cut to"):
+        out = pipeline.text_to_image([long], seed=0)
+    (kept,) = out.prompts
+    assert long.startswith(kept) and len(kept.split()) == 22  # 24 tokens less start and end
+
+
+# ---------------------------------------------------------------------------------------------
+# Variations
+
+
+@pytest.mark.parametrize("keep_rows", [0, 3, 8])
+def test_keep_rows_keeps_exactly_the_source_top_rows(pipeline, keep_rows):
+    sources = shapes_images(2)
+    out = pipeline.variations(sources, num_images=3, keep_rows=keep_rows, seed=0)
+    assert out.images.shape == (6, 3, 32, 32) and out.codes.shape == (6, 8, 8)
+    assert out.source_index.tolist() == [0, 0, 0, 1, 1, 1]
+    source_codes = pipeline.vqgan.encode(sources)[out.source_index]  # (6, 8, 8)
+    kept = out.codes[:, :keep_rows] == source_codes[:, :keep_rows]
+    assert kept.all()
+    if keep_rows < 8:  # the random generator does not redraw the source below the kept rows
+        assert not (out.codes[:, keep_rows] == source_codes[:, keep_rows]).all()
+    assert torch.allclose(out.sources, (sources + 1) / 2)
+
+
+def test_keep_rows_outside_the_grid_is_refused(pipeline):
+    for keep_rows in (-1, 9):
+        with pytest.raises(ValueError, match="keep_rows must be from 0 to"):
+            pipeline.variations(shapes_images(1), keep_rows=keep_rows)
+
+
+def test_image_files_are_read_resized_or_refused(pipeline, tmp_path):
+    path = tmp_path / "source.png"
+    Image.fromarray(np.full((40, 48, 3), 200, np.uint8)).save(path)
+    with pytest.warns(UserWarning, match="48x40 px .* 32x32"):
+        out = pipeline.variations(path, num_images=2, seed=0)
+    assert out.sources.shape == (1, 3, 32, 32)
+    assert torch.allclose(out.sources, torch.full_like(out.sources, 200 / 255), atol=1e-5)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(ValueError, match="Cannot read .*broken.png as an image"):
+        pipeline.variations(broken)
+    with pytest.raises(FileNotFoundError, match="No image file"):
+        pipeline.variations(tmp_path / "missing.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation helpers
+
+
+def test_attribute_accuracy_pairs_objects_either_way():
+    query = parse_caption("a small red circle to the left of a large blue square")
+    scene = Scene(
+        (
+            ShapeObject("square", "blue", "large", "right"),
+            ShapeObject("circle", "red", "large", "left"),
+        ),
+        "white",
+    )
+    assert attribute_right(scene, query, "shape") and attribute_right(scene, query, "color")
+    assert not attribute_right(scene, query, "size")
+    assert not attribute_right(Scene(scene.objects[:1], "white"), query, "shape")
+
+
+class OraclePipeline:
+    """Draws exactly what it is asked for: the real image of each prompt, and copies of each
+    source as its variations. The checker must then find every sample right."""
+
+    def __init__(self, clip, images: dict[str, torch.Tensor]) -> None:
+        self.clip, self.images = clip, images
+
+    def text_to_image(self, prompts, num_images, **options) -> Generated:
+        images = torch.stack([self.images[p] for p in prompts]).repeat_interleave(num_images, 0)
+        repeated = [prompt for prompt in prompts for _ in range(num_images)]
+        return Generated((images + 1) / 2, torch.zeros(len(repeated), 8, 8), repeated)
+
+    def variations(self, sources, num_images, **options) -> Variations:
+        index = torch.arange(sources.shape[0]).repeat_interleave(num_images)
+        images = (sources[index] + 1) / 2
+        return Variations(images, torch.zeros(len(index), 8, 8), (sources + 1) / 2, index)
+
+
+def test_evaluation_scores_right_images_as_right(pipeline):
+    dataset = build_dataset(DataConfig(num_test=150, image_size=32), "test")
+    prompts = shapes_prompts(dataset, num_prompts=5)
+    assert [prompts.groups.count(g) for g in ("seen", "held_out", "two_object")] == [5, 5, 5]
+    oracle = OraclePipeline(pipeline.clip, dict(zip(prompts.prompts, prompts.images, strict=True)))
+    config = GenerationEvalConfig(images_per_prompt=2, variations_per_source=2)
+    metrics = evaluate_generator(oracle, prompts, shapes_sources(dataset, 3), config, True)
+    for results in (metrics.with_cfg, metrics.without_cfg):
+        for accuracy in results.caption_accuracy.values():
+            assert accuracy.num_prompts == 5 and accuracy.num_images == 10
+            assert accuracy.accuracy == accuracy.shape == accuracy.position == 1.0
+    assert metrics.variations.consistency == 1.0 and metrics.variations.diversity == 0.0
+    assert metrics.variations.clip_similarity == pytest.approx(1.0, abs=1e-5)
+
+
+def test_diversity_is_zero_for_copies_and_the_mean_l1_otherwise():
+    copies = torch.zeros(4, 3, 2, 2)
+    assert mean_pairwise_l1(copies, per_group=2) == 0
+    pair = torch.stack([torch.zeros(3, 2, 2), torch.ones(3, 2, 2)])
+    assert mean_pairwise_l1(torch.cat([pair, copies[:2]]), per_group=2) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scripts
+
+
+@pytest.mark.parametrize("name", ["sample", "variations", "evaluate"])
+def test_sampling_configs_use_the_run_clip_unless_told_otherwise(name):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        plain = compose(config_name=name, overrides=["run_dir=RUN"])
+        named = compose(config_name=name, overrides=["run_dir=RUN", "clip=openai_vit_b32"])
+    assert plain.get("clip") is None
+    assert instantiate(named.clip, _convert_="all").source == "pretrained"
+    if name == "evaluate":
+        assert isinstance(instantiate(plain.generation, _convert_="all"), GenerationEvalConfig)
+
+
+def test_sample_script_writes_a_grid_and_singles(run_dir, tmp_path):
+    out = tmp_path / "samples"
+    result = run_script(
+        "sample.py",
+        f"run_dir={run_dir}",
+        "prompt=a red circle",
+        "num_images=3",
+        "seed=0",
+        "device=cpu",
+        f"out={out}",
+    )
+    paths = [Path(line) for line in result.stdout.strip().splitlines()]
+    assert [p.name for p in paths] == ["grid.png", "000.png", "001.png", "002.png"]
+    assert all(p.parent == out and p.is_file() for p in paths)
+    assert Image.open(paths[1]).size == (32, 32)
+    expected = Pipeline.from_run_dir(run_dir).text_to_image(["a red circle"], 3, seed=0)
+    first = torch.from_numpy(np.array(Image.open(paths[1]))).permute(2, 0, 1) / 255
+    assert torch.allclose(first, expected.images[0], atol=1 / 255 + 1e-6)
+
+
+def test_sample_script_defaults_to_a_folder_in_the_run(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    result = run_script(
+        "sample.py",
+        f"run_dir={run}",
+        "prompts=[a red circle,a blue square]",
+        "num_images=2",
+        "seed=1",
+        "device=cpu",
+    )
+    paths = [Path(line) for line in result.stdout.strip().splitlines()]
+    folder = run / "samples" / "a-red-circle-and-1-more" / "seed1"
+    assert paths[0] == folder / "grid.png" and len(paths) == 5 and all(p.is_file() for p in paths)
+    assert paths[-1].name == "01-001.png"
+
+
+def test_variations_script_writes_the_source_beside_its_variations(run_dir, tmp_path):
+    image = tmp_path / "my image.png"
+    Image.fromarray(build_dataset(DataConfig(num_test=1), "test").example(0).image).save(image)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    result = run_script(
+        "variations.py",
+        f"run_dir={run}",
+        f"image={image}",
+        "num_images=2",
+        "seed=0",
+        "keep_rows=2",
+        "device=cpu",
+    )
+    paths = [Path(line) for line in result.stdout.strip().splitlines()]
+    folder = run / "variations" / "my-image" / "seed0"
+    assert paths == [folder / name for name in ("grid.png", "source.png", "000.png", "001.png")]
+    assert Image.open(paths[0]).size == (3 * 34 + 2, 36)  # source + 2 variations, 2 px padding
+
+
+def test_evaluate_reports_the_generator(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    result = run_script(
+        "evaluate.py",
+        f"run_dir={run}",
+        "max_images=8",
+        "data.num_test=60",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "generation.num_prompts=2",
+        "generation.num_sources=2",
+        "generation.variations_per_source=2",
+    )
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report == json.loads((run / "eval.json").read_text())
+    assert {"tokenizer", "generator"} <= set(report)
+    generated = report["generator"]
+    for run_name, scale in (("with_cfg", 3.0), ("without_cfg", 1.0)):
+        results = generated[run_name]
+        assert results["cfg_scale"] == scale and -1 <= results["clip_score"] <= 1
+        accuracy = results["caption_accuracy"]
+        assert set(accuracy) == {"seen", "held_out", "two_object"}
+        assert accuracy["seen"]["num_prompts"] == 2 and accuracy["seen"]["num_images"] == 2
+        assert set(accuracy["seen"]) >= {"accuracy", "shape", "color", "size", "position"}
+    variations = generated["variations"]
+    assert variations["num_sources"] == 2 and 0 <= variations["consistency"] <= 1
+    assert variations["diversity"] > 0

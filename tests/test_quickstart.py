@@ -1,0 +1,197 @@
+"""The whole pipeline through scripts/pipeline.py at test size, and the report it writes."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = (
+    "tokenizer",
+    "clip",
+    "encode",
+    "generator",
+    "samples",
+    "sources",
+    "variations",
+    "evaluate",
+    "report",
+)
+
+
+def stage_settings(stage: str, **values: object) -> list[str]:
+    """Overrides that set (or add) keys of one stage's settings; "__" stands for "."."""
+    return [
+        f"++stages.{stage}.settings.{key.replace('__', '.')}={value}"
+        for key, value in values.items()
+    ]
+
+
+QUIET = {
+    "trainer__limit_val_batches": 1,
+    "trainer__log_every_n_steps": 1,
+    "trainer__enable_progress_bar": "false",
+}
+
+# The quickstart experiment with every stage at test size.
+TINY = [
+    'common=["data.num_train=96","data.num_val=16","data.num_test=32","data.num_workers=0"]',
+    *stage_settings(
+        "tokenizer", tokenizer="tiny", trainer__max_steps=6, data__batch_size=8, **QUIET
+    ),
+    *stage_settings(
+        "clip", clip="tiny", trainer__max_steps=6, data__batch_size=16, eval_images=32, **QUIET
+    ),
+    *stage_settings("encode", shard_size=32),
+    *stage_settings(
+        "generator",
+        generator="tiny",
+        trainer__max_steps=6,
+        data__batch_size=8,
+        data__num_workers=0,
+        samples__every_n_steps=0,
+        **QUIET,
+    ),
+    *stage_settings("samples", num_images=2),
+    *stage_settings("variations", num_images=2),
+    *stage_settings(
+        "evaluate", max_images=32, generation__num_prompts=4, generation__num_sources=2
+    ),
+    *stage_settings("report", num_images=2),
+]
+
+
+def run_pipeline(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "scripts" / "pipeline.py"), f"run_dir={run_dir}"]
+    return subprocess.run(
+        [*command, *TINY, *overrides], capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
+    result = run_pipeline(run_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, result
+
+
+@pytest.mark.slow
+def test_every_stage_runs_and_reports_its_time_and_headline(finished_run):
+    run_dir, result = finished_run
+    summary = result.stdout.split("Pipeline finished in")[1]
+    for number, stage in enumerate(STAGES, start=1):
+        assert f"[{number}/{len(STAGES)}] {stage}" in summary
+    state = json.loads((run_dir / "pipeline.json").read_text())
+    assert set(state) == set(STAGES)
+    assert all(entry["seconds"] > 0 and entry["headline"] for entry in state.values())
+    for output in (
+        "tokenizer/model.safetensors",
+        "clip/model.safetensors",
+        "eval.json",
+        "generator/model.safetensors",
+        "samples/quickstart/grid.png",
+        "variations/quickstart/grid.png",
+        "report.html",
+    ):
+        assert (run_dir / output).is_file(), output
+    assert str(run_dir / "report.html") in result.stdout
+
+
+@pytest.mark.slow
+def test_the_report_has_every_section_with_its_images(finished_run):
+    run_dir, _ = finished_run
+    page = (run_dir / "report.html").read_text()
+    for title in (
+        "Evaluation",
+        "Originals and reconstructions",
+        "Text to image",
+        "Variations",
+        "Training curves",
+        "All evaluation numbers",
+    ):
+        assert f"<h2>{title}</h2>" in page
+    assert "No " not in page.split("<h2>Evaluation</h2>")[1]  # no section is missing
+    assert page.count("data:image/png;base64,") >= 12 * 2 + 5 * 2 + 4 * 3
+    assert page.count("<svg") >= 3
+    assert page.count("match</span>") + page.count("matches</span>") >= 5 * 2  # verdicts
+    assert "tokenizer.psnr" in page
+
+
+@pytest.mark.slow
+def test_a_second_run_reuses_every_finished_stage(finished_run):
+    run_dir, _ = finished_run
+    before = (run_dir / "generator" / "model.safetensors").stat().st_mtime_ns
+    again = run_pipeline(run_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = again.stdout.split("Pipeline finished in")[1]
+    assert summary.count("reused") == len(STAGES)
+    assert (run_dir / "generator" / "model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_a_changed_setting_reruns_that_stage_and_every_later_one(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    again = run_pipeline(run_dir, "++stages.report.settings.num_images=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = again.stdout.split("Pipeline finished in")[1]
+    assert summary.count("reused") == len(STAGES) - 1
+    assert "report" in summary.splitlines()[-3]
+
+
+def test_stage_settings_become_overrides_that_hydra_reads_back():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from pipeline import overrides
+
+    settings = {
+        "tokenizer": "shapes",
+        "trainer": {"max_steps": 10, "lr": 0.5},
+        "prompts": ["a red circle, small", 'say "hi" [now]', "plain"],
+        "out": "/tmp/a b",
+        "rerank": None,
+        "flag": True,
+    }
+    strings = overrides(settings)
+    assert strings[:3] == ["tokenizer=shapes", "trainer.max_steps=10", "trainer.lr=0.5"]
+    parsed = OverridesParser.create().parse_overrides(strings)
+    read_back = {override.key_or_group: override.value() for override in parsed}
+    assert read_back == {
+        "tokenizer": "shapes",
+        "trainer.max_steps": 10,
+        "trainer.lr": 0.5,
+        "prompts": ["a red circle, small", 'say "hi" [now]', "plain"],
+        "out": "/tmp/a b",
+        "rerank": None,
+        "flag": True,
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs headless Chromium")
+def test_the_report_renders_in_a_browser(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    screenshot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1100,2400",
+            f"--screenshot={screenshot}",
+            (run_dir / "report.html").resolve().as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    pixels = np.asarray(Image.open(screenshot).convert("RGB"))
+    assert pixels.shape[:2] == (2400, 1100)
+    colourful = (pixels.max(axis=2).astype(int) - pixels.min(axis=2)) > 60
+    assert colourful.mean() > 0.01  # the embedded images show, not only text
