@@ -47,7 +47,7 @@ TINY = [
     *stage_settings(
         "clip", clip="tiny", trainer__max_steps=6, data__batch_size=16, eval_images=32, **QUIET
     ),
-    *stage_settings("encode", shard_size=32),
+    *stage_settings("encode", shard_size=32, data__num_train=96),
     *stage_settings(
         "generator",
         generator="tiny",
