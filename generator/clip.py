@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tokenizer.io import atomic_write, load_config, save_config
+from tokenizer.io import atomic_write, load_config, mismatched_tensors, save_config
 
 SOURCES = ("pretrained", "file", "trained")
 WEIGHTS_FILE = "model.safetensors"
@@ -331,11 +331,7 @@ def _load_trained(config: CLIPConfig, run_dir: Path | None) -> CLIPEncoder:
     model = build_small_clip(saved)
     state = load_file(str(weights))
     expected = model.state_dict()
-    wrong = sorted(
-        name
-        for name in set(state) | set(expected)
-        if name not in state or name not in expected or state[name].shape != expected[name].shape
-    )
+    wrong = mismatched_tensors(state, expected)
     if wrong:
         raise ValueError(
             f"{weights} does not match {directory / CONFIG_FILE} (tensors {wrong[:3]} differ): "

@@ -21,7 +21,7 @@ from generator.clip import CLIPConfig, ImagePreprocess, build_small_clip, clip_t
 from generator.clip_data import CaptionBatch
 from generator.clip_eval import in_batch_accuracy
 from tokenizer.io import dataclass_from_dict
-from tokenizer.optim import OptimConfig, adamw_with_schedule
+from tokenizer.optim import ClipsGradientNorm, OptimConfig, adamw_with_schedule, schedule_length
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -31,7 +31,7 @@ class Embeddings(NamedTuple):
     text: torch.Tensor  # (B, E) unit vectors
 
 
-class CLIPModule(L.LightningModule):
+class CLIPModule(ClipsGradientNorm, L.LightningModule):
     def __init__(self, clip: dict, optim: dict) -> None:
         """Configs arrive as plain dicts so the checkpoint's hyperparameters stay loadable
         with `weights_only=True`; they are checked by building their dataclasses."""
@@ -116,15 +116,5 @@ class CLIPModule(L.LightningModule):
                 "weight_decay": 0.0,
             },
         ]
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 100_000
+        total = schedule_length(self.trainer.max_steps)
         return adamw_with_schedule(groups, self.optim_config, total).as_lightning()
-
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
-        if self.optim_config.grad_clip > 0:
-            self.clip_gradients(
-                optimizer,
-                gradient_clip_val=self.optim_config.grad_clip,
-                gradient_clip_algorithm="norm",
-            )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import permutations
 from typing import NamedTuple
 
@@ -27,7 +27,7 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from generator.clip import CLIPEncoder
-from generator.pipeline import Pipeline
+from generator.pipeline import Pipeline, sampling_arguments
 from tokenizer import shapes
 from tokenizer.data import Sample, ShapesDataset
 from tokenizer.evaluation import FeatureExtractor
@@ -257,15 +257,8 @@ def evaluate_guidance(
     use_checker: bool,
 ) -> GuidanceResults:
     """Sample every prompt at one guidance scale, in one batched call, and score the samples."""
-    generated = pipeline.text_to_image(
-        prompts.prompts,
-        config.images_per_prompt,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        cfg_scale=cfg_scale,
-        seed=config.seed,
-    )
+    options = {**sampling_arguments(asdict(config)), "cfg_scale": cfg_scale}
+    generated = pipeline.text_to_image(prompts.prompts, config.images_per_prompt, **options)
     real = ((prompts.images.float() + 1) / 2).clamp(0, 1)
     accuracy = None
     if use_checker:
@@ -293,16 +286,8 @@ def evaluate_variations(
 ) -> VariationScores:
     """Variations of each source: kept attributes, diversity and CLIP similarity."""
     per_source = config.variations_per_source
-    varied = pipeline.variations(
-        sources,
-        per_source,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        cfg_scale=config.cfg_scale,
-        seed=config.seed,
-        keep_rows=config.keep_rows,
-    )
+    options = sampling_arguments(asdict(config))
+    varied = pipeline.variations(sources, per_source, keep_rows=config.keep_rows, **options)
     consistency = None
     if use_checker:
         wanted = [shape_and_color(scene) for scene in shapes.check_batch(varied.sources * 2 - 1)]

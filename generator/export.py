@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from generator.gpt import GPT, GPTConfig
 from generator.shards import tokenizer_fingerprint
-from tokenizer.io import atomic_write, load_config, save_config
+from tokenizer.io import atomic_write, load_config, mismatched_tensors, save_config
 from tokenizer.vqgan import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from tokenizer.vqgan import CONFIG_KIND as TOKENIZER_CONFIG_KIND
 from tokenizer.vqgan import WEIGHTS_FILE as TOKENIZER_WEIGHTS_FILE
@@ -94,11 +94,7 @@ def load_generator(directory: str | Path, device: str | torch.device = "cpu") ->
 def _check_tensors(
     state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], directory: Path
 ) -> None:
-    wrong = sorted(
-        name
-        for name in set(state) | set(expected)
-        if name not in state or name not in expected or state[name].shape != expected[name].shape
-    )
+    wrong = mismatched_tensors(state, expected)
     if wrong:
         raise ValueError(
             f"{directory / WEIGHTS_FILE} does not match {directory / CONFIG_FILE} (tensors "

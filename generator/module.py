@@ -22,8 +22,8 @@ from generator.conditioning import ConditionConfig, condition_embedding
 from generator.data import EncodedSample
 from generator.ema import EMA
 from generator.gpt import GPT, GPTConfig
-from tokenizer.io import dataclass_from_dict
-from tokenizer.optim import OptimConfig, adamw_with_schedule
+from tokenizer.io import dataclass_from_dict, mismatched_tensors
+from tokenizer.optim import ClipsGradientNorm, OptimConfig, adamw_with_schedule, schedule_length
 
 
 class StepMetrics(NamedTuple):
@@ -31,7 +31,7 @@ class StepMetrics(NamedTuple):
     accuracy: torch.Tensor  # () fraction of codes whose most likely prediction is right
 
 
-class GeneratorModule(L.LightningModule):
+class GeneratorModule(ClipsGradientNorm, L.LightningModule):
     def __init__(
         self,
         model: dict,
@@ -100,19 +100,9 @@ class GeneratorModule(L.LightningModule):
             self.ema.update(self.model, self.global_step)
 
     def configure_optimizers(self) -> dict:
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 100_000
+        total = schedule_length(self.trainer.max_steps)
         groups = self.model.param_groups(self.optim_config.weight_decay)
         return adamw_with_schedule(groups, self.optim_config, total).as_lightning()
-
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
-        if self.optim_config.grad_clip > 0:
-            self.clip_gradients(
-                optimizer,
-                gradient_clip_val=self.optim_config.grad_clip,
-                gradient_clip_algorithm="norm",
-            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check a resumed checkpoint before Lightning loads it, and follow an EMA switched on
@@ -127,13 +117,7 @@ class GeneratorModule(L.LightningModule):
             for name in [name for name in state if name.startswith("model.")]:
                 state[f"ema.{name}"] = state[name].clone()
         expected = self.state_dict()
-        wrong = sorted(
-            name
-            for name in set(state) | set(expected)
-            if name not in state
-            or name not in expected
-            or state[name].shape != expected[name].shape
-        )
+        wrong = mismatched_tensors(state, expected)
         if wrong:
             raise ValueError(
                 f"the generator checkpoint being resumed has other sizes than the generator "

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import unicodedata
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -76,6 +76,16 @@ class SamplingOptions:
     @property
     def candidates(self) -> int:
         return max(self.rerank, 1)
+
+
+def sampling_arguments(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The `SamplingOptions` a config (any mapping) sets, as keyword arguments of
+    `Pipeline.text_to_image` and `Pipeline.variations`."""
+    return {
+        field.name: settings[field.name]
+        for field in fields(SamplingOptions)
+        if field.name in settings
+    }
 
 
 def run_clip_config(run_dir: Path) -> CLIPConfig:

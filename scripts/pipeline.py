@@ -118,6 +118,11 @@ def images_headline(run_dir: Path, stdout: str) -> str:
     return f"{len(written)} images written"
 
 
+def last_line_headline(run_dir: Path, stdout: str) -> str:
+    lines = stdout.strip().splitlines()
+    return lines[-1] if lines else "done"
+
+
 def evaluate_headline(run_dir: Path, stdout: str) -> str:
     results = json.loads((run_dir / "eval.json").read_text())
     return "; ".join(f"{name} {value}" for name, value in headline_numbers(results).items())
@@ -132,7 +137,7 @@ HEADLINES: dict[str, Callable[[Path, str], str]] = {
     "train_clip": clip_headline,
     "encode": encode_headline,
     "train_generator": generator_headline,
-    "make_shapes": images_headline,
+    "make_shapes": last_line_headline,
     "sample": images_headline,
     "variations": images_headline,
     "evaluate": evaluate_headline,

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from generator.images import grid_names, output_dir, save_images
-from generator.pipeline import Pipeline, resolve_device
+from generator.pipeline import Pipeline, resolve_device, sampling_arguments
 
 
 def prompts_of(cfg: DictConfig) -> list[str]:
@@ -28,16 +28,7 @@ def main(cfg: DictConfig) -> None:
     pipeline = Pipeline.from_run_dir(
         run_dir, resolve_device(cfg.device), clip_config, batch_size=cfg.batch_size
     )
-    generated = pipeline.text_to_image(
-        prompts,
-        cfg.num_images,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        cfg_scale=cfg.cfg_scale,
-        seed=cfg.seed,
-        rerank=cfg.rerank,
-    )
+    generated = pipeline.text_to_image(prompts, cfg.num_images, **sampling_arguments(cfg))
     name = generated.prompts[0] + (f" and {len(prompts) - 1} more" if len(prompts) > 1 else "")
     directory = Path(cfg.out) if cfg.out else output_dir(run_dir / "samples", name, cfg.seed)
     names = grid_names(len(prompts), cfg.num_images)

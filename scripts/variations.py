@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from generator.images import grid_names, output_dir, save_images
-from generator.pipeline import Pipeline, resolve_device
+from generator.pipeline import Pipeline, resolve_device, sampling_arguments
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="variations")
@@ -26,15 +26,7 @@ def main(cfg: DictConfig) -> None:
         run_dir, resolve_device(cfg.device), clip_config, batch_size=cfg.batch_size
     )
     varied = pipeline.variations(
-        image,
-        cfg.num_images,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        cfg_scale=cfg.cfg_scale,
-        seed=cfg.seed,
-        rerank=cfg.rerank,
-        keep_rows=cfg.keep_rows,
+        image, cfg.num_images, keep_rows=cfg.keep_rows, **sampling_arguments(cfg)
     )
     directory = (
         Path(cfg.out) if cfg.out else output_dir(run_dir / "variations", image.stem, cfg.seed)

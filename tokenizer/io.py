@@ -130,3 +130,13 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     ):
         raise ValueError(f"{where} must be {hint.__name__}, got {value!r}.")
     return value
+
+
+def mismatched_tensors(state: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """Names of tensors missing on either side or of another shape, sorted: what makes a
+    weights file and a config (or a checkpoint and a model) not belong together."""
+    return sorted(
+        name
+        for name in set(state) | set(expected)
+        if name not in state or name not in expected or state[name].shape != expected[name].shape
+    )

@@ -19,7 +19,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from tokenizer.evaluation import to_unit_range
 from tokenizer.io import dataclass_from_dict
 from tokenizer.losses import LossConfig, VQGANLoss
-from tokenizer.optim import OptimConfig, adamw_with_schedule
+from tokenizer.optim import OptimConfig, adamw_with_schedule, schedule_length
 from tokenizer.quantizer import codebook_stats
 from tokenizer.vqgan import VQGAN, VQGANConfig
 
@@ -55,7 +55,7 @@ class TokenizerModule(L.LightningModule):
         return cls(as_dict(model), as_dict(loss), as_dict(optim), **kwargs)
 
     def configure_optimizers(self):
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 100_000
+        total = schedule_length(self.trainer.max_steps)
         autoencoder = adamw_with_schedule(self.vqgan.parameters(), self.optim_config, total)
         discriminator = adamw_with_schedule(
             self.loss.discriminator.parameters(), self.optim_config, total, lr=self.hparams.disc_lr

@@ -62,3 +62,26 @@ def adamw_with_schedule(
         lambda step: warmup_cosine(step, config.warmup_steps, total_steps, config.min_lr_ratio),
     )
     return OptimizerWithSchedule(optimizer, scheduler)
+
+
+UNBOUNDED_STEPS = 100_000  # the schedule's length when the trainer sets no max_steps
+
+
+def schedule_length(max_steps: int) -> int:
+    """Steps the cosine runs over: the trainer's max_steps, or UNBOUNDED_STEPS without one."""
+    return max_steps if max_steps > 0 else UNBOUNDED_STEPS
+
+
+class ClipsGradientNorm:
+    """LightningModule mixin: clip the gradient norm to `self.optim_config.grad_clip` (0 = off)
+    whenever Lightning steps an optimizer, so the trainer config need not repeat it."""
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        if self.optim_config.grad_clip > 0:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.optim_config.grad_clip,
+                gradient_clip_algorithm="norm",
+            )
