@@ -7,7 +7,7 @@ Each stage is the script a user would run by hand (scripts/train_tokenizer.py, .
 a subprocess with the settings the experiment config gives it, so its progress bar shows as it
 goes. After each stage one line tells its time and its headline number. A stage that finished
 before with the same settings, and whose output is still there, is reused; once a stage runs
-again, every stage after it runs again too. The state lives in RUN/pipeline.json.
+again, every later stage that reads the run directory runs again too. The state lives in RUN/pipeline.json.
 """
 
 import csv
@@ -206,8 +206,9 @@ def main(cfg: DictConfig) -> None:
     for number, (name, stage) in enumerate(stages.items(), start=1):
         arguments = stage_arguments(cfg, stage)
         done = state.get(name, {})
+        reads_run = stage.get("run_dir", True)  # a stage that does not, needs no earlier one
         reuse = (
-            not rerun_from_here
+            not (rerun_from_here and reads_run)
             and done.get("arguments") == arguments
             and (run_dir / stage.output).exists()
         )
