@@ -83,6 +83,14 @@ def pipeline(run_dir) -> Pipeline:
     return Pipeline.from_run_dir(run_dir)
 
 
+@pytest.fixture
+def run_copy(run_dir, tmp_path) -> Path:
+    """A private copy of the shared run, for scripts that write into their run directory."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    return run
+
+
 def shapes_images(count: int) -> torch.Tensor:
     dataset = build_dataset(DataConfig(num_test=count, image_size=32), "test")
     return torch.stack([dataset[i].image for i in range(count)])  # (B, 3, 32, 32)
@@ -355,31 +363,27 @@ def test_sample_script_writes_a_grid_and_singles(run_dir, tmp_path):
     assert torch.allclose(first, expected.images[0], atol=1 / 255 + 1e-6)
 
 
-def test_sample_script_defaults_to_a_folder_in_the_run(run_dir, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
+def test_sample_script_defaults_to_a_folder_in_the_run(run_copy):
     result = run_script(
         "sample.py",
-        f"run_dir={run}",
+        f"run_dir={run_copy}",
         "prompts=[a red circle,a blue square]",
         "num_images=2",
         "seed=1",
         "device=cpu",
     )
     paths = [Path(line) for line in result.stdout.strip().splitlines()]
-    folder = run / "samples" / "a-red-circle-and-1-more" / "seed1"
+    folder = run_copy / "samples" / "a-red-circle-and-1-more" / "seed1"
     assert paths[0] == folder / "grid.png" and len(paths) == 5 and all(p.is_file() for p in paths)
     assert paths[-1].name == "01-001.png"
 
 
-def test_variations_script_writes_the_source_beside_its_variations(run_dir, tmp_path):
+def test_variations_script_writes_the_source_beside_its_variations(run_copy, tmp_path):
     image = tmp_path / "my image.png"
     Image.fromarray(build_dataset(DataConfig(num_test=1), "test").example(0).image).save(image)
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
     result = run_script(
         "variations.py",
-        f"run_dir={run}",
+        f"run_dir={run_copy}",
         f"image={image}",
         "num_images=2",
         "seed=0",
@@ -387,17 +391,15 @@ def test_variations_script_writes_the_source_beside_its_variations(run_dir, tmp_
         "device=cpu",
     )
     paths = [Path(line) for line in result.stdout.strip().splitlines()]
-    folder = run / "variations" / "my-image" / "seed0"
+    folder = run_copy / "variations" / "my-image" / "seed0"
     assert paths == [folder / name for name in ("grid.png", "source.png", "000.png", "001.png")]
     assert Image.open(paths[0]).size == (3 * 34 + 2, 36)  # source + 2 variations, 2 px padding
 
 
-def test_evaluate_reports_the_generator(run_dir, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
+def test_evaluate_reports_the_generator(run_copy):
     result = run_script(
         "evaluate.py",
-        f"run_dir={run}",
+        f"run_dir={run_copy}",
         "max_images=8",
         "data.num_test=60",
         "data.batch_size=8",
@@ -407,7 +409,7 @@ def test_evaluate_reports_the_generator(run_dir, tmp_path):
         "generation.variations_per_source=2",
     )
     report = json.loads(result.stdout[result.stdout.index("{") :])
-    assert report == json.loads((run / "eval.json").read_text())
+    assert report == json.loads((run_copy / "eval.json").read_text())
     assert {"tokenizer", "generator"} <= set(report)
     generated = report["generator"]
     for run_name, scale in (("with_cfg", 3.0), ("without_cfg", 1.0)):
