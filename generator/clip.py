@@ -25,10 +25,10 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tokenizer.io import atomic_write, load_config, mismatched_tensors, save_config
+from tokenizer.io import checked_config, load_config, save_config
+from tokenizer.weights import load_checked_model, save_weights
 
 SOURCES = ("pretrained", "file", "trained")
 WEIGHTS_FILE = "model.safetensors"
@@ -46,6 +46,7 @@ class MissingCLIPWeightsError(FileNotFoundError):
     """Pretrained CLIP weights are neither in open_clip's cache nor downloadable."""
 
 
+@checked_config("clip")
 @dataclass
 class CLIPConfig:
     """Which CLIP to load. Plain fields, so Hydra can fill it and JSON can hold it."""
@@ -299,8 +300,7 @@ def build_small_clip(config: CLIPConfig) -> open_clip.CLIP:
 def save_trained_clip(model: open_clip.CLIP, config: CLIPConfig, directory: str | Path) -> Path:
     """Write `model.safetensors` and `config.json` into `directory` (RUN/clip), each atomically."""
     directory = Path(directory)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    save_weights(model, directory / WEIGHTS_FILE)
     saved = dataclasses.replace(config, source="trained", checkpoint="")
     save_config(saved, directory / CONFIG_FILE, kind=CONFIG_KIND)
     return directory
@@ -328,16 +328,10 @@ def _load_trained(config: CLIPConfig, run_dir: Path | None) -> CLIPEncoder:
             "it wrote."
         )
     saved = load_config(CLIPConfig, directory / CONFIG_FILE, kind=CONFIG_KIND)
-    model = build_small_clip(saved)
-    state = load_file(str(weights))
-    expected = model.state_dict()
-    wrong = mismatched_tensors(state, expected)
-    if wrong:
-        raise ValueError(
-            f"{weights} does not match {directory / CONFIG_FILE} (tensors {wrong[:3]} differ): "
-            "export the CLIP again with scripts/train_clip.py."
-        )
-    model.load_state_dict(state, strict=True)
+    fix = "export the CLIP again with scripts/train_clip.py."
+    model = load_checked_model(
+        lambda: build_small_clip(saved), weights, directory / CONFIG_FILE, fix
+    )
     return CLIPEncoder(
         model, clip_tokenizer(saved), ImagePreprocess.of(model), saved, saved.embed_dim
     )

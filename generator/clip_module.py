@@ -4,7 +4,8 @@ open_clip's `CLIP` class at the size of a `CLIPConfig`, open_clip's contrastive 
 a learnable temperature: the logits are `exp(logit_scale) * cos(image, text)`, with
 `logit_scale` kept in [0, log 100] after every step as CLIP does, so the temperature never
 falls below 1/100. Images go through the same `ImagePreprocess` that `CLIPEncoder` applies
-later, so training and inference see identical inputs.
+later, so training and inference see identical inputs. A step whose loss is NaN or infinite
+changes nothing (see SkipsNonFiniteLoss).
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from generator.clip import CLIPConfig, ImagePreprocess, build_small_clip, clip_t
 from generator.clip_data import CaptionBatch
 from generator.clip_eval import in_batch_accuracy
 from tokenizer.io import dataclass_from_dict
-from tokenizer.optim import ClipsGradientNorm, OptimConfig, adamw_with_schedule, schedule_length
+from tokenizer.optim import (
+    ClipsGradientNorm,
+    OptimConfig,
+    SkipsNonFiniteLoss,
+    adamw_with_schedule,
+    schedule_length,
+)
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -31,7 +38,10 @@ class Embeddings(NamedTuple):
     text: torch.Tensor  # (B, E) unit vectors
 
 
-class CLIPModule(ClipsGradientNorm, L.LightningModule):
+class CLIPModule(SkipsNonFiniteLoss, ClipsGradientNorm, L.LightningModule):
+    stage = "clip"
+    optim_key = "optim"
+
     def __init__(self, clip: dict, optim: dict) -> None:
         """Configs arrive as plain dicts so the checkpoint's hyperparameters stay loadable
         with `weights_only=True`; they are checked by building their dataclasses."""
@@ -92,7 +102,8 @@ class CLIPModule(ClipsGradientNorm, L.LightningModule):
         return loss
 
     def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor | None:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        return loss if loss is not None and self.step_is_finite(loss) else None
 
     def validation_step(self, batch: CaptionBatch, batch_idx: int) -> None:
         self._step(batch, "val")

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from generator.data import EncodedSample
 from generator.export import CONDITIONS
 from generator.shards import Manifest
+from tokenizer.io import checked_config
 
 
+@checked_config("condition")
 @dataclass
 class ConditionConfig:
     mode: str = "text"  # "text", "image" (language-free) or "mixed"

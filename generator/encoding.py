@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate
 from tqdm import tqdm
 
+import tokenizer.io
 from generator.shards import (
     DONE_FILE,
     EMBEDDING_DTYPE,
@@ -199,11 +200,11 @@ def first_missing_shard(split_dir: Path, dataset_length: int | None) -> int:
     return index
 
 
-def remove_temporaries(split_dir: Path) -> None:
-    """Shards a killed process left half-written: they are never read, and written again."""
-    for stray in split_dir.glob(".shard-*.tmp"):
-        logger.info("removing the half-written %s", stray)
-        stray.unlink()
+def remove_temporaries(folder: Path) -> None:
+    """Files a killed process left half-written (shards, records, the manifest): they are never
+    read, and written again."""
+    for stray in tokenizer.io.remove_temporaries(folder):
+        logger.info("removed the half-written %s", stray)
 
 
 def split_record(encoded_dir: Path, split: str) -> SplitRecord:
@@ -364,6 +365,7 @@ def encode_run(
     data_config = dataclasses.replace(data_config, image_size=vqgan.config.image_size)
     plan = make_plan(tokenizer_dir, vqgan, clip, data_config, shard_size)
     prepare_encoded_dir(encoded_dir, plan, overwrite)
+    remove_temporaries(encoded_dir)
 
     def done(split: str) -> bool:
         return (encoded_dir / split / DONE_FILE).is_file()

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from generator.gpt import GPT, GPTConfig
 from generator.shards import tokenizer_fingerprint
-from tokenizer.io import atomic_write, load_config, mismatched_tensors, save_config
+from tokenizer.io import load_config, save_config
 from tokenizer.vqgan import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from tokenizer.vqgan import CONFIG_KIND as TOKENIZER_CONFIG_KIND
 from tokenizer.vqgan import WEIGHTS_FILE as TOKENIZER_WEIGHTS_FILE
 from tokenizer.vqgan import VQGANConfig
+from tokenizer.weights import load_checked_model, save_weights
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -62,8 +62,7 @@ class LoadedGenerator(NamedTuple):
 def save_generator(model: GPT, provenance: Provenance, directory: str | Path) -> Path:
     """Write weights, config and provenance into `directory`, each file atomically."""
     directory = Path(directory)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    save_weights(model, directory / WEIGHTS_FILE)
     save_config(model.config, directory / CONFIG_FILE, kind=CONFIG_KIND)
     save_config(provenance, directory / PROVENANCE_FILE, kind=PROVENANCE_KIND)
     return directory
@@ -84,22 +83,11 @@ def load_generator(directory: str | Path, device: str | torch.device = "cpu") ->
         )
     config = load_config(GPTConfig, directory / CONFIG_FILE, kind=CONFIG_KIND)
     provenance = load_config(Provenance, directory / PROVENANCE_FILE, kind=PROVENANCE_KIND)
-    model = GPT(config)
-    state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
-    _check_tensors(state, model.state_dict(), directory)
-    model.load_state_dict(state, strict=True)
+    fix = "export the generator again with scripts/train_generator.py."
+    model = load_checked_model(
+        lambda: GPT(config), directory / WEIGHTS_FILE, directory / CONFIG_FILE, fix
+    )
     return LoadedGenerator(model.to(device).eval(), provenance)
-
-
-def _check_tensors(
-    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], directory: Path
-) -> None:
-    wrong = mismatched_tensors(state, expected)
-    if wrong:
-        raise ValueError(
-            f"{directory / WEIGHTS_FILE} does not match {directory / CONFIG_FILE} (tensors "
-            f"{wrong[:3]} differ): export the generator again with scripts/train_generator.py."
-        )
 
 
 def check_belongs_together(

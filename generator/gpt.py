@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from tokenizer.io import checked_config
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"dim": 64, "num_layers": 2, "num_heads": 4},
     "small": {"dim": 384, "num_layers": 8, "num_heads": 6},
@@ -35,6 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@checked_config("generator")
 @dataclass
 class GPTConfig:
     # Sizes owned by other components, interpolated from their configs, so they have no default.
@@ -51,7 +54,6 @@ class GPTConfig:
     p_uncond: float = 0.1  # probability, in training, of replacing the condition by the null
 
     def __post_init__(self) -> None:
-        self.grid_size = tuple(self.grid_size)
         sizes = {
             "vocab_size": self.vocab_size,
             "clip_dim": self.clip_dim,

@@ -7,6 +7,9 @@ matrices only (`GPT.param_groups`), under the shared warm-up + cosine schedule.
 
 With `ema_decay` > 0 an exponential moving average of the weights is kept beside them; it is
 what validation measures, what the sample grids show and what gets exported.
+
+A step whose loss is NaN or infinite changes neither the weights nor their average (see
+SkipsNonFiniteLoss).
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from generator.data import EncodedSample
 from generator.ema import EMA
 from generator.gpt import GPT, GPTConfig
 from tokenizer.io import dataclass_from_dict, mismatched_tensors
-from tokenizer.optim import ClipsGradientNorm, OptimConfig, adamw_with_schedule, schedule_length
+from tokenizer.optim import (
+    ClipsGradientNorm,
+    OptimConfig,
+    SkipsNonFiniteLoss,
+    adamw_with_schedule,
+    schedule_length,
+)
 
 
 class StepMetrics(NamedTuple):
@@ -31,7 +40,10 @@ class StepMetrics(NamedTuple):
     accuracy: torch.Tensor  # () fraction of codes whose most likely prediction is right
 
 
-class GeneratorModule(ClipsGradientNorm, L.LightningModule):
+class GeneratorModule(SkipsNonFiniteLoss, ClipsGradientNorm, L.LightningModule):
+    stage = "generator"
+    optim_key = "optim"
+
     def __init__(
         self,
         model: dict,
@@ -81,13 +93,13 @@ class GeneratorModule(ClipsGradientNorm, L.LightningModule):
         accuracy = (logits.argmax(dim=-1) == codes).float().mean()
         return StepMetrics(loss, accuracy)
 
-    def training_step(self, batch: EncodedSample, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: EncodedSample, batch_idx: int) -> torch.Tensor | None:
         loss, accuracy = self.metrics(batch, training=True)
         size = batch.codes.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/accuracy", accuracy, batch_size=size)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
-        return loss
+        return loss if self.step_is_finite(loss) else None
 
     def validation_step(self, batch: EncodedSample, batch_idx: int) -> None:
         loss, accuracy = self.metrics(batch, training=False)
@@ -96,7 +108,7 @@ class GeneratorModule(ClipsGradientNorm, L.LightningModule):
         self.log("val/accuracy", accuracy, batch_size=size, sync_dist=True)
 
     def on_train_batch_end(self, outputs: Any, batch: EncodedSample, batch_idx: int) -> None:
-        if self.ema is not None:
+        if self.ema is not None and self.nonfinite_in_a_row == 0:  # not after a skipped step
             self.ema.update(self.model, self.global_step)
 
     def configure_optimizers(self) -> dict:
@@ -107,6 +119,7 @@ class GeneratorModule(ClipsGradientNorm, L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check a resumed checkpoint before Lightning loads it, and follow an EMA switched on
         (started from the current weights) or off (dropped) since it was written."""
+        super().on_load_checkpoint(checkpoint)
         self._check_fingerprints(checkpoint.get("hyper_parameters", {}))
         state = checkpoint["state_dict"]
         ema_names = [name for name in state if name.startswith("ema.")]

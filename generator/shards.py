@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from safetensors.numpy import save_file
+import safetensors.numpy
 
-from tokenizer.io import atomic_write, atomic_write_text, config_to_dict, dataclass_from_dict
+from tokenizer.io import atomic_write_bytes, atomic_write_text, config_to_dict, dataclass_from_dict
 
 FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
@@ -42,6 +42,7 @@ DONE_FILE = "done.json"
 SHARD_PATTERN = "shard-*.safetensors"
 METADATA_KEY = "encoded_shard"
 EMBEDDING_DTYPE = "float16"
+CODES_DTYPES = ("uint16", "int32")
 SAFETENSORS_DTYPES = {
     "BOOL": np.bool_,
     "U8": np.uint8,
@@ -139,7 +140,7 @@ def write_shard(path: Path, shard: EncodedShard, info: ShardInfo) -> Path:
     arrays = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
     # safetensors writes metadata keys in hash order: one key keeps the file's bytes repeatable
     metadata = {METADATA_KEY: json.dumps(config_to_dict(info), sort_keys=True)}
-    return atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
+    return atomic_write_bytes(path, safetensors.numpy.save(arrays, metadata=metadata))
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -199,6 +200,15 @@ class EncodingPlan:
     shard_size: int  # positions of the split's order per shard
     batch_size: int  # images per tokenizer/CLIP pass (it can change the last bits of a result)
     data: dict[str, Any]  # the data settings that decide which samples come in which order
+
+    def __post_init__(self) -> None:
+        """uint16 would wrap the codes of a codebook over 65,536 entries without a sound."""
+        dtype, num_codes = self.codes_dtype, self.num_codes
+        if dtype not in CODES_DTYPES or np.iinfo(dtype).max < num_codes - 1:
+            raise ValueError(
+                f"encoding plan: codes_dtype={dtype!r} cannot hold {num_codes} codes; it must be "
+                f"{codes_dtype(num_codes)!r}: run scripts/encode.py with overwrite=true."
+            )
 
 
 @dataclass

@@ -3,6 +3,8 @@
 python scripts/sample.py run_dir=RUN prompt="a red circle" num_images=8 [seed=0] [cfg_scale=3]
 """
 
+import re
+import sys
 from pathlib import Path
 
 import hydra
@@ -11,6 +13,24 @@ from omegaconf import DictConfig
 
 from generator.images import grid_names, output_dir, save_images
 from generator.pipeline import Pipeline, resolve_device, sampling_arguments
+
+
+def quoted_prompt(argument: str) -> str:
+    """`prompt=TEXT` with TEXT quoted for Hydra, so that any text reaches the pipeline's own
+    cleaning: unquoted, Hydra's override grammar refuses letters beyond ASCII, control
+    characters and undecodable bytes with a lexer error. Text the user quoted is left alone."""
+    key, _, text = argument.partition("=")
+    already_quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+    if key != "prompt" or already_quoted:
+        return argument
+    return "prompt='" + re.sub(r"(\\*)('|$)", escape_for_quotes, text) + "'"
+
+
+def escape_for_quotes(match: re.Match) -> str:
+    """In Hydra's quoted strings only a quote and the backslashes before it (or before the
+    end) are escaped; every other backslash is itself."""
+    backslashes, quote = match.groups()
+    return 2 * backslashes + ("\\" + quote if quote else "")
 
 
 def prompts_of(cfg: DictConfig) -> list[str]:
@@ -38,4 +58,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = [quoted_prompt(argument) for argument in sys.argv]
     main()

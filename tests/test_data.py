@@ -7,8 +7,10 @@ import logging
 import struct
 import subprocess
 import sys
+import tarfile
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import numpy as np
@@ -18,6 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from tokenizer.data import (
+    SHARD_IMAGE_KEYS,
     DataConfig,
     ImageDataModule,
     ReportingDataLoader,
@@ -28,28 +31,48 @@ from tokenizer.data import (
 from tokenizer.shapes import ShapesConfig, check, parse_caption, scene_matches
 
 
-def _encoded(array: np.ndarray, format: str) -> bytes:
+def _encoded_image(image: Image.Image, format: str, **options) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=format)
+    image.save(buffer, format=format, **options)
     return buffer.getvalue()
+
+
+def _encoded(array: np.ndarray, format: str) -> bytes:
+    return _encoded_image(Image.fromarray(array), format)
+
+
+def _png(width: int, height: int, bit_depth: int, colour_type: int, pixels: bytes) -> bytes:
+    """A PNG written by hand: its header says what we like, whatever the (compressed) pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
 
 
 def _png16_rgb(array: np.ndarray) -> bytes:
     """A 16-bit RGB PNG, written by hand because Pillow cannot write one."""
     height, width, _ = array.shape
     rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+    return _png(width, height, 16, 2, zlib.compress(rows))
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
 
-    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
+def _huge_header_png() -> bytes:
+    """65 bytes whose header claims 20,000 x 20,000 RGB pixels (1.2 GB decoded)."""
+    return _png(20_000, 20_000, 8, 2, zlib.compress(b""))
+
+
+def _decompression_bomb_png(side: int = 12_000) -> bytes:
+    """A real, complete 1-bit PNG of side**2 black pixels in 18 kB: 1.44e8 pixels, just
+    over the default limit (1 << 27), where Pillow only warns unless told otherwise."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" + bytes((side + 7) // 8)
+    pixels = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    return _png(side, side, 1, 0, pixels)
 
 
 @pytest.fixture
@@ -117,41 +140,77 @@ def test_sidecars_captions_file_and_shards_yield_the_same_pairs(tmp_path, captio
     assert all(sorted(other) == sorted(first) for other in others)
 
 
-def _seed_bad_folder(root: Path) -> tuple[dict[str, tuple[int, int, int]], list[str]]:
-    """Good files (name -> the RGB they should read as) and bad file names, each with a
-    sidecar caption equal to its name."""
-    root.mkdir()
-    good = {}
-    (root / "plain.png").write_bytes(_encoded(np.full((20, 30, 3), (10, 200, 30), np.uint8), "PNG"))
-    good["plain.png"] = (10, 200, 30)
-    Image.new("CMYK", (30, 30), (255, 0, 0, 0)).save(root / "cmyk.jpg")
-    good["cmyk.jpg"] = (0, 255, 255)
-    Image.fromarray(np.full((30, 30), 65535, np.uint16)).save(root / "grey16.png")
-    good["grey16.png"] = (255, 255, 255)
-    (root / "rgb16.png").write_bytes(_png16_rgb(np.full((30, 30, 3), (65535, 0, 32896))))
-    good["rgb16.png"] = (255, 0, 128)
+class BadInputs(NamedTuple):
+    files: dict[str, bytes]  # name -> file bytes
+    good: dict[str, tuple[int, int, int]]  # name -> the RGB the file should read as
+    bad: list[str]  # names that must be skipped
+
+
+def _bad_inputs() -> BadInputs:
+    """Exotic modes that must convert, and broken, hostile or mislabelled files to skip."""
+    files, good = {}, {}
+
+    def add(name: str, data: bytes, rgb: tuple[int, int, int] | None = None) -> None:
+        files[name] = data
+        if rgb is not None:
+            good[name] = rgb
+
+    add("plain.png", _encoded(np.full((20, 30, 3), (10, 200, 30), np.uint8), "PNG"), (10, 200, 30))
+    cmyk = Image.new("CMYK", (30, 30), (255, 0, 0, 0))  # full cyan
+    add("cmyk.jpg", _encoded_image(cmyk, "JPEG"), (0, 255, 255))
+    add("grey16.png", _encoded(np.full((30, 30), 65535, np.uint16), "PNG"), (255, 255, 255))
+    add("rgb16.png", _png16_rgb(np.full((30, 30, 3), (65535, 0, 32896))), (255, 0, 128))
     rgba = np.zeros((30, 30, 4), np.uint8)  # red, fully transparent: the white background shows
     rgba[..., 0] = 255
-    Image.fromarray(rgba).save(root / "rgba.png")
-    good["rgba.png"] = (255, 255, 255)
-    Image.new("P", (30, 30), 3).save(root / "palette.gif")
-    good["palette.gif"] = Image.new("P", (1, 1), 3).convert("RGB").getpixel((0, 0))
-    Image.new("RGB", (3000, 2000), (90, 60, 30)).save(root / "huge.jpg", quality=95)
-    good["huge.jpg"] = (90, 60, 30)
+    add("rgba.png", _encoded(rgba, "PNG"), (255, 255, 255))
+    palette = Image.new("P", (1, 1), 3).convert("RGB").getpixel((0, 0))
+    add("palette.gif", _encoded_image(Image.new("P", (30, 30), 3), "GIF"), palette)
+    transparent = Image.new("P", (30, 30), 0)
+    transparent.putpalette([255, 0, 0] * 256)  # red, but index 0 is transparent
+    add("palette_alpha.png", _encoded_image(transparent, "PNG", transparency=0), (255,) * 3)
+    grey_alpha = np.stack([np.zeros((30, 30), np.uint8), np.full((30, 30), 128, np.uint8)], -1)
+    add("grey_alpha.png", _encoded_image(Image.fromarray(grey_alpha, "LA"), "PNG"), (127,) * 3)
+    add("bilevel.png", _encoded_image(Image.new("1", (30, 30), 0), "PNG"), (0, 0, 0))
+    floats = Image.fromarray(np.full((30, 30), 0.5, np.float32))
+    add("float_tiff_named.png", _encoded_image(floats, "TIFF"), (127, 127, 127))
+    add("png_named.jpg", _encoded(np.full((30, 30, 3), (5, 6, 250), np.uint8), "PNG"), (5, 6, 250))
+    huge = _encoded_image(Image.new("RGB", (3000, 2000), (90, 60, 30)), "JPEG", quality=95)
+    add("huge.jpg", huge, (90, 60, 30))
     jpeg = _encoded(np.full((64, 64, 3), 128, np.uint8), "JPEG")
-    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
-    (root / "empty.jpg").write_bytes(b"")
-    (root / "text.png").write_text("this is not an image")
-    bad = ["truncated.jpg", "empty.jpg", "text.png"]
-    for name in [*good, *bad]:
+    add("truncated.jpg", jpeg[: len(jpeg) // 2])
+    add("empty.jpg", b"")
+    add("text.png", b"this is not an image")
+    add("huge_header.png", _huge_header_png())
+    add("bomb.png", _decompression_bomb_png())
+    return BadInputs(files, good, sorted(set(files) - set(good)))
+
+
+def _seed_bad_folder(root: Path) -> tuple[dict[str, tuple[int, int, int]], list[str]]:
+    """The bad inputs under root, each with a sidecar caption equal to its name; returns the
+    good files (name -> RGB) and the bad file names."""
+    inputs = _bad_inputs()
+    root.mkdir()
+    for name, data in inputs.files.items():
+        (root / name).write_bytes(data)
         (root / name).with_suffix(".txt").write_text(name)
-    return good, bad
+    return inputs.good, inputs.bad
+
+
+def _seed_bad_shards(root: Path) -> tuple[dict[str, tuple[int, int, int]], list[str]]:
+    """The bad inputs whose extension is a WebDataset image key, in shards, captioned by name."""
+    inputs = _bad_inputs()
+    files = {n: (d, n) for n, d in inputs.files.items() if n.rsplit(".", 1)[1] in SHARD_IMAGE_KEYS}
+    _write_shards(root, files, per_shard=5)
+    return {n: inputs.good[n] for n in files if n in inputs.good}, inputs.bad
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_bad_files_are_skipped_counted_and_reported(tmp_path, caplog, workers):
-    good, bad = _seed_bad_folder(tmp_path / "mixed")
-    dataset = build_dataset(_config("folder", tmp_path / "mixed"), "train")
+@pytest.mark.parametrize("source", ["folder", "webdataset"])
+def test_bad_files_are_skipped_counted_and_reported(tmp_path, caplog, monkeypatch, source, workers):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the config's limit must hold anyway
+    seed = _seed_bad_folder if source == "folder" else _seed_bad_shards
+    good, bad = seed(tmp_path / "mixed")
+    dataset = build_dataset(_config(source, tmp_path / "mixed"), "train")
     loader = ReportingDataLoader(dataset, batch_size=4, num_workers=workers)
     seen: dict[str, torch.Tensor] = {}
     with caplog.at_level(logging.WARNING, logger="tokenizer.data"):
@@ -162,9 +221,10 @@ def test_bad_files_are_skipped_counted_and_reported(tmp_path, caplog, workers):
     for name, rgb in good.items():
         expected = torch.tensor(rgb, dtype=torch.float32) / 127.5 - 1
         assert torch.allclose(seen[name][:, 16, 16], expected, atol=0.05), name
-    skipped = dataset.skip_log.last_report
-    assert sorted(Path(s.path).name for s in skipped) == sorted(bad)
-    reports = [r for r in caplog.records if "skipped 3 unreadable" in r.getMessage()]
+    reasons = {s.path.rsplit("/", 1)[-1]: s.reason for s in dataset.skip_log.last_report}
+    assert sorted(name.split(":")[-1] for name in reasons) == sorted(bad)
+    assert all("DecompressionBomb" in reasons[n] for n in reasons if "bomb" in n or "huge" in n)
+    reports = [r for r in caplog.records if f"skipped {len(bad)} unreadable" in r.getMessage()]
     assert len(reports) == 1 and all(name in reports[0].getMessage() for name in bad)
 
 
@@ -203,6 +263,33 @@ def test_bad_shard_samples_are_skipped(tmp_path, captioned_files):
     ]
     assert sorted(captions) == sorted(c for _, c in captioned_files.values())
     assert [s.path.rsplit(":", 1)[1] for s in dataset.skip_log.last_report] == ["group0/broken.jpg"]
+
+
+def test_tar_members_that_escape_their_folder_are_skipped_and_never_written(tmp_path, monkeypatch):
+    outside, work = tmp_path / "outside", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # where "../evil.png" would land if anything extracted it
+    image = _encoded(np.full((32, 32, 3), 200, np.uint8), "PNG")
+    members = {
+        "good.png": image,
+        "good.txt": b"the good one",
+        f"{outside}/evil.png": image,
+        "../evil.png": image,
+        "nested/../../evil.png": image,
+    }
+    with tarfile.open(tmp_path / "crafted.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tmp_path / "crafted.tar") as tar:
+        assert tar.getnames() == list(members)  # the crafted names really are in the file
+    dataset = build_dataset(_config("webdataset", tmp_path / "crafted.tar"), "train")
+    captions = [c for batch in ReportingDataLoader(dataset, batch_size=2) for c in batch.caption]
+    assert captions == ["the good one"]
+    skipped = sorted(s.path for s in dataset.skip_log.last_report)
+    assert skipped == sorted(["../evil.png", "nested/../../evil.png", f"{outside}/evil.png"])
+    assert not outside.exists() and not (tmp_path / "evil.png").exists()
 
 
 def test_shards_are_split_between_workers_and_ranks(tmp_path, captioned_files, monkeypatch):

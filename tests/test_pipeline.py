@@ -13,6 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
+from test_data import _decompression_bomb_png, _huge_header_png
+from test_encode import save_tokenizer
 
 import generator.pipeline
 from generator.clip import CLIPConfig, build_small_clip, load_clip, save_trained_clip
@@ -28,19 +30,12 @@ from generator.export import Provenance, RunMismatchError, save_generator
 from generator.gpt import GPT, GPTConfig
 from generator.pipeline import Generated, Pipeline, Variations, clean_prompt
 from generator.shards import tokenizer_fingerprint
-from tokenizer import VQGAN, VQGANConfig
+from tokenizer import VQGAN
 from tokenizer.data import DataConfig, build_dataset
 from tokenizer.shapes import Scene, ShapeObject, parse_caption
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a small red circle in the center", "a large blue square on the left"]
-
-
-def save_tokenizer(run_dir: Path, seed: int = 0) -> VQGAN:
-    torch.manual_seed(seed)
-    vqgan = VQGAN(VQGANConfig.tiny()).eval()
-    vqgan.save_pretrained(run_dir / "tokenizer")
-    return vqgan
 
 
 def save_clip(run_dir: Path, seed: int = 0) -> None:
@@ -69,16 +64,6 @@ def save_random_generator(run_dir: Path, provenance: Provenance | None = None) -
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """RUN/tokenizer (tiny VQGAN, 8x8 codes of 64), RUN/clip (tiny CLIP), RUN/generator."""
-    run_dir = tmp_path_factory.mktemp("run")
-    save_tokenizer(run_dir)
-    save_clip(run_dir)
-    save_random_generator(run_dir)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
 def pipeline(run_dir) -> Pipeline:
     return Pipeline.from_run_dir(run_dir)
 
@@ -96,7 +81,7 @@ def shapes_images(count: int) -> torch.Tensor:
     return torch.stack([dataset[i].image for i in range(count)])  # (B, 3, 32, 32)
 
 
-def run_script(name: str, *overrides: str) -> subprocess.CompletedProcess:
+def run_script(name: str, *overrides: str | bytes) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "scripts" / name), *overrides]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -138,6 +123,10 @@ def test_a_provenance_that_names_other_parts_is_refused(run_dir, tmp_path, field
 
 
 def test_missing_parts_say_what_to_run(run_dir, tmp_path):
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(run_dir, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(FileNotFoundError, match="scripts/train_tokenizer.py"):
+        Pipeline.from_run_dir(no_tokenizer)
     no_generator = tmp_path / "no_generator"
     shutil.copytree(run_dir, no_generator, ignore=shutil.ignore_patterns("generator"))
     with pytest.raises(FileNotFoundError, match="scripts/train_generator.py"):
@@ -270,6 +259,28 @@ def test_image_files_are_read_resized_or_refused(pipeline, tmp_path):
         pipeline.variations(tmp_path / "missing.png")
 
 
+def test_image_files_over_the_pixel_limit_are_refused_unread(pipeline, tmp_path):
+    for name, data in (("huge.png", _huge_header_png()), ("bomb.png", _decompression_bomb_png())):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"Cannot read .*{name} as an image"):
+            pipeline.variations(path)
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (torch.full((1, 3, 32, 32), float("nan")), "NaN or infinite"),
+        (torch.zeros(1, 1, 32, 32), "expected float images of shape"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "expected float images of shape"),
+        (torch.zeros(0, 3, 32, 32), "No source images"),
+    ],
+)
+def test_source_tensors_that_are_not_images_are_refused(pipeline, images, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.variations(images)
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation helpers
 
@@ -361,6 +372,22 @@ def test_sample_script_writes_a_grid_and_singles(run_dir, tmp_path):
     expected = Pipeline.from_run_dir(run_dir).text_to_image(["a red circle"], 3, seed=0)
     first = torch.from_numpy(np.array(Image.open(paths[1]))).permute(2, 0, 1) / 255
     assert torch.allclose(first, expected.images[0], atol=1 / 255 + 1e-6)
+
+
+def test_sample_script_takes_any_bytes_as_a_prompt(run_dir, tmp_path):
+    """Letters beyond ASCII, control characters and invalid UTF-8 on the command line reach the
+    pipeline's cleaning, rather than stopping Hydra's override parser."""
+    result = run_script(
+        "sample.py",
+        f"run_dir={run_dir}",
+        b"prompt=a caf\xc3\xa9 \xff red\x07 circle",
+        "num_images=1",
+        "seed=0",
+        "device=cpu",
+        f"out={tmp_path / 'samples'}",
+    )
+    assert "using 'a caf\u00e9 red circle'" in result.stderr
+    assert Path(result.stdout.splitlines()[0]) == tmp_path / "samples" / "grid.png"
 
 
 def test_sample_script_defaults_to_a_folder_in_the_run(run_copy):

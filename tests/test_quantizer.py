@@ -125,3 +125,20 @@ def test_usage_is_counted_over_a_fixed_window_whatever_the_batch_size():
         figures.append(quantizer.stats())
     assert all(f == figures[0] for f in figures)
     assert figures[0].usage == 1 / 8 and figures[0].num_counted == 16
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_batch_with_a_nonfinite_latent_leaves_the_codebook_state_alone(bad):
+    """The training module skips such a step; the quantizer's own state must not move either,
+    or a NaN would reach the codebook through the EMA or a dead-code restart."""
+    quantizer = plain_quantizer([[0.0, 0.0], [10.0, 10.0], [5.0, -5.0]], use_ema=True)
+    quantizer.config.dead_code_steps = 1
+    quantizer.train()
+    quantizer(as_latents([[0.5, 0.0], [9.0, 9.0]]))  # code 2 unused: dead from here on
+    before = {name: value.clone() for name, value in quantizer.state_dict().items()}
+    quantizer(as_latents([[bad, 0.0], [9.5, 9.5]]))
+    for name, value in quantizer.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} moved on a non-finite batch"
+    quantizer(as_latents([[0.5, 0.0], [9.0, 9.0]]))  # a finite batch updates again
+    assert quantizer.num_restarted.item() > before["num_restarted"].item()
+    assert torch.isfinite(quantizer.codebook).all()

@@ -20,7 +20,7 @@ import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import lightning as L
@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
 
+from tokenizer.io import checked_config
 from tokenizer.shapes import SPLITS, ShapesConfig, ShapesExample, generate
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Sample(NamedTuple):
     caption: str  # "" where there is none
 
 
+@checked_config("data")
 @dataclass
 class DataConfig:
     """Where images come from and how they are batched. Plain types, so Hydra can fill it."""
@@ -489,7 +491,8 @@ class ShardDataset(IterableDataset):
     """WebDataset tar shards in the img2dataset layout: jpg/png/webp + txt (+ json).
 
     Shards are split between ranks and between DataLoader workers; a sample that cannot be
-    decoded is recorded in `skip_log` and dropped.
+    decoded, and a member whose name is absolute or climbs out with '..', is recorded in
+    `skip_log` and dropped. Members are streamed and never written to disk.
     """
 
     def __init__(self, config: DataConfig, split: str, train: bool | None = None) -> None:
@@ -511,6 +514,15 @@ class ShardDataset(IterableDataset):
         """WebDataset's handler for unreadable shards: record, then go on to the next one."""
         names = [a for a in error.args[1:] if isinstance(a, str)]  # WebDataset appends the url
         self.skip_log.record(names[-1] if names else "(a shard)", error)
+        return True
+
+    def _safe_member(self, name: str) -> bool:
+        """False (and a record) for a tar member named by an absolute path or with a '..' part:
+        no real sample key looks like that, and such names are how tar files escape a folder."""
+        path = PurePosixPath(name)
+        if path.is_absolute() or ".." in path.parts:
+            self.skip_log.record(name, "unsafe tar member name (absolute or with '..')")
+            return False
         return True
 
     def _wanted(self, sample: dict) -> bool:
@@ -550,6 +562,7 @@ class ShardDataset(IterableDataset):
             nodesplitter=wds.split_by_node,
             workersplitter=wds.split_by_worker,
             handler=self._on_error,
+            select_files=self._safe_member,
             empty_check=False,
         )
         if self.source.split is not None:

@@ -19,10 +19,12 @@ import torchvision
 from torch import nn
 
 from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
+from tokenizer.io import checked_config
 
 VGG_WEIGHTS = torchvision.models.VGG16_Weights.IMAGENET1K_V1
 
 
+@checked_config("tokenizer.loss")
 @dataclass
 class LossConfig:
     l1_weight: float = 1.0
@@ -39,8 +41,6 @@ class LossConfig:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.discriminator, dict):
-            self.discriminator = DiscriminatorConfig(**self.discriminator)
         for name in ("l1_weight", "l2_weight", "perceptual_weight", "gan_weight", "lecam_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}.")

@@ -4,6 +4,9 @@ Manual optimisation: one autoencoder forward per batch, reused (detached) by the
 discriminator step. The discriminator's optimiser steps through the plain torch optimiser
 so that Lightning's `global_step` (and so `trainer.max_steps`) counts batches, not
 optimiser calls; that bypass is exact for fp32 and bf16 (no gradient scaler involved).
+
+A NaN or infinite autoencoder loss skips both updates (see SkipsNonFiniteLoss); the batch still
+counts as a step. A non-finite discriminator loss alone skips the discriminator's update.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from tokenizer.evaluation import to_unit_range
 from tokenizer.io import dataclass_from_dict
 from tokenizer.losses import LossConfig, VQGANLoss
-from tokenizer.optim import OptimConfig, adamw_with_schedule, schedule_length
+from tokenizer.optim import OptimConfig, SkipsNonFiniteLoss, adamw_with_schedule, schedule_length
 from tokenizer.quantizer import codebook_stats
 from tokenizer.vqgan import VQGAN, VQGANConfig
 
 
-class TokenizerModule(L.LightningModule):
+class TokenizerModule(SkipsNonFiniteLoss, L.LightningModule):
+    stage = "tokenizer"
+    optim_key = "tokenizer.optim"
+
     def __init__(
         self,
         model: dict,
@@ -62,7 +68,7 @@ class TokenizerModule(L.LightningModule):
         )
         return [autoencoder.as_lightning(), discriminator.as_lightning()]
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         images = batch.image
         step = self.global_step
         opt_ae, opt_disc = self.optimizers()
@@ -73,19 +79,26 @@ class TokenizerModule(L.LightningModule):
             ae = self.loss.autoencoder_loss(
                 images, out.reconstructions, out.quantizer_loss, self.vqgan.decoder.last_layer, step
             )
+            finite = self.step_is_finite(ae.total)
             opt_ae.zero_grad(set_to_none=True)
-            self.manual_backward(ae.total)
-            self._clip(opt_ae)
-            opt_ae.step()
+            if finite:
+                self.manual_backward(ae.total)
+                self._clip(opt_ae)
+            opt_ae.step()  # without gradients a no-op, but the batch still counts as a step
         sched_ae.step()
+        if not finite:
+            return None
 
         if self.loss.discriminator_active(step):
             with self.toggled_optimizer(opt_disc):
                 disc = self.loss.discriminator_loss(images, out.reconstructions.detach(), step)
                 opt_disc.zero_grad(set_to_none=True)
-                self.manual_backward(disc.total)
-                self._clip(opt_disc)
-                opt_disc.optimizer.step()  # see the module docstring
+                if self.loss_is_finite(disc.total):
+                    self.manual_backward(disc.total)
+                    self._clip(opt_disc)
+                    opt_disc.optimizer.step()  # see the module docstring
+                else:
+                    self.nonfinite_skipped += 1
             sched_disc.step()
             self.log_dict(
                 {

@@ -16,7 +16,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from tokenizer.io import checked_config
 
+
+@checked_config("tokenizer.model.quantizer")
 @dataclass
 class QuantizerConfig:
     num_codes: int = 1024
@@ -120,8 +123,11 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=latents.device.type, enabled=False):
             vectors = self.to_lookup_space(latents)  # (N, D)
             codes = self.nearest_codes(vectors)  # (N,)
+            # a batch with a NaN or inf latent leaves the codebook state alone (its step is
+            # skipped by the training module), written as a mask so that nothing waits on it
+            finite = torch.isfinite(vectors).all()
             if self.training and self.config.use_ema:
-                self._ema_update(vectors.detach(), codes)
+                self._ema_update(vectors.detach(), codes, finite)
             chosen = self.lookup_vectors()[codes]  # (N, D)
             commitment_loss = F.mse_loss(vectors, chosen.detach())
             if self.config.use_ema:
@@ -132,9 +138,9 @@ class VectorQuantizer(nn.Module):
             straight_through = vectors + (chosen - vectors).detach()
             quantized = self.project_out(straight_through)
         if self.training:
-            self._track_usage(codes)
+            self._track_usage(codes, finite)
             if self.config.dead_code_steps > 0:
-                self._restart_dead_codes(vectors.detach())
+                self._restart_dead_codes(vectors.detach(), finite)
         quantized = rearrange(quantized, "(b h w) c -> b c h w", b=b, h=h, w=w)
         codes = rearrange(codes, "(b h w) -> b h w", b=b, h=h, w=w)
         return QuantizerOutput(quantized, codes, loss, commitment_loss, codebook_loss)
@@ -151,7 +157,7 @@ class VectorQuantizer(nn.Module):
         return codebook_stats(self.recent_codes, self.num_codes)
 
     @torch.no_grad()
-    def _ema_update(self, vectors: torch.Tensor, codes: torch.Tensor) -> None:
+    def _ema_update(self, vectors: torch.Tensor, codes: torch.Tensor, finite: torch.Tensor) -> None:
         """Running means of the latents assigned to each code.
 
         Only codes used in this batch are updated: an unused code keeps its vector until it is
@@ -160,7 +166,7 @@ class VectorQuantizer(nn.Module):
         decay = self.config.ema_decay
         counts = torch.bincount(codes, minlength=self.num_codes).type_as(vectors)  # (K,)
         sums = torch.zeros_like(self.ema_code_sum).index_add_(0, codes, vectors)  # (K, D)
-        used = counts > 0
+        used = (counts > 0) & finite
         self.ema_cluster_size.copy_(
             torch.where(
                 used, decay * self.ema_cluster_size + (1 - decay) * counts, self.ema_cluster_size
@@ -174,25 +180,25 @@ class VectorQuantizer(nn.Module):
         self.codebook.data.copy_(self.ema_code_sum / self.ema_cluster_size[:, None])
 
     @torch.no_grad()
-    def _track_usage(self, codes: torch.Tensor) -> None:
+    def _track_usage(self, codes: torch.Tensor, finite: torch.Tensor) -> None:
         window = self.config.usage_window
         codes = codes[-window:]
         positions = (
             self.recent_position + torch.arange(codes.numel(), device=codes.device)
         ) % window
-        self.recent_codes[positions] = codes
-        self.recent_position.copy_((self.recent_position + codes.numel()) % window)
+        self.recent_codes[positions] = torch.where(finite, codes, self.recent_codes[positions])
+        self.recent_position.copy_((self.recent_position + codes.numel() * finite) % window)
         used = torch.zeros(self.num_codes, dtype=torch.bool, device=codes.device)
         used[codes] = True
-        self.steps_unused.add_(1).masked_fill_(used, 0)
+        self.steps_unused.add_(finite.long()).masked_fill_(used & finite, 0)
 
     @torch.no_grad()
-    def _restart_dead_codes(self, vectors: torch.Tensor) -> None:
+    def _restart_dead_codes(self, vectors: torch.Tensor, finite: torch.Tensor) -> None:
         """Move codes unused for `dead_code_steps` steps onto random recent encoder outputs.
 
         Written with masks rather than indexing so a training step never waits on the device.
         """
-        dead = (self.steps_unused >= self.config.dead_code_steps)[:, None]  # (K, 1)
+        dead = ((self.steps_unused >= self.config.dead_code_steps) & finite)[:, None]  # (K, 1)
         picks = torch.randint(0, vectors.shape[0], (self.num_codes,), device=vectors.device)
         replacements = vectors[picks]  # (K, D), used only where a code is dead
         self.codebook.data.copy_(torch.where(dead, replacements, self.codebook.data))

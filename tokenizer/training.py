@@ -9,14 +9,19 @@ Every stage trains into one run directory:
 from __future__ import annotations
 
 import importlib.util
-import os
+import io
+import pickle
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.experimental.callback import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from tokenizer.io import WriteError, atomic_write_bytes, check_writable, remove_temporaries
 
 
 def cpu_supports_bf16() -> bool:
@@ -42,6 +47,33 @@ def last_checkpoint(run_dir: str | Path, stage: str) -> Path | None:
     """The checkpoint a rerun resumes from, or None on a fresh run."""
     path = checkpoint_dir(run_dir, stage) / "last.ckpt"
     return path if path.is_file() else None
+
+
+class RunDirCheck(Callback):
+    """Hydra callback (conf: hydra.callbacks) that stops an unwritable run_dir with one sentence
+    before Hydra creates its own folders in it and fails with a traceback. Hydra turns a
+    callback's exceptions into warnings and goes on, hence SystemExit."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        try:
+            check_writable(config.run_dir)
+        except WriteError as error:
+            raise SystemExit(f"Error: {error}") from None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written like every other file of the run: tokenizer.io.atomic_write.
+
+    Lightning's own writer moves a temporary file from /tmp without fsync: where /tmp is another
+    file system that move is a copy, and a kill or power cut during it leaves half a last.ckpt.
+    The checkpoint is serialised in memory first (as Lightning does), so that a full disk is an
+    OSError that atomic_write explains, not torch's RuntimeError from deep inside torch.save.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write_bytes(path, buffer.getbuffer())
 
 
 def loggers(run_dir: str | Path, stage: str) -> list:
@@ -76,6 +108,7 @@ def build_trainer(
         default_root_dir=str(run_dir),
         logger=loggers(run_dir, stage),
         callbacks=[checkpoints, *(callbacks or [])],
+        plugins=[AtomicCheckpointIO()],
         **options,
     )
 
@@ -88,13 +121,26 @@ def fit_and_checkpoint(
     stage: str,
 ) -> None:
     """Fit, resuming from RUN/checkpoints/<stage>/last.ckpt where one exists, and leave a
-    last.ckpt of the final step behind, so a rerun of a finished run has nothing to redo."""
+    last.ckpt of the final step behind, so a rerun of a finished run has nothing to redo.
+
+    Temporary files a killed run left in RUN/checkpoints/<stage> and RUN/<stage> are removed
+    first: they are never read."""
+    if trainer.is_global_zero:
+        for folder in (checkpoint_dir(run_dir, stage), Path(run_dir) / stage):
+            for stray in remove_temporaries(folder):
+                print(f"Removed {stray}, left half-written by an interrupted run")
     resume_from = last_checkpoint(run_dir, stage)
     if resume_from is not None:
         print(f"Resuming from {resume_from}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    except pickle.UnpicklingError:
+        if resume_from is None:
+            raise
+        raise ValueError(
+            f"{resume_from} holds pickled objects besides tensors and plain values, so it is not "
+            "a checkpoint this project wrote and was not loaded (unpickling it could run any "
+            f"code): delete {checkpoint_dir(run_dir, stage)} to train the {stage} from scratch."
+        ) from None
     final = checkpoint_dir(run_dir, stage) / "last.ckpt"
-    partial = final.with_name("last.ckpt.partial")
-    trainer.save_checkpoint(partial, weights_only=False)  # full state: optimisers too
-    if trainer.is_global_zero:
-        os.replace(partial, final)
+    trainer.save_checkpoint(final, weights_only=False)  # full state: optimisers too

@@ -15,17 +15,18 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tokenizer.io import atomic_write, load_config, save_config
+from tokenizer.io import checked_config, load_config, save_config
 from tokenizer.quantizer import QuantizerConfig, VectorQuantizer
+from tokenizer.weights import load_checked_model, save_weights
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CONFIG_KIND = "vqgan"
 
 
+@checked_config("tokenizer.model")
 @dataclass
 class VQGANConfig:
     image_size: int = 64
@@ -39,16 +40,12 @@ class VQGANConfig:
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.quantizer, dict):
-            self.quantizer = QuantizerConfig(**self.quantizer)
-        self.channel_multipliers = tuple(self.channel_multipliers)
-        self.attention_resolutions = tuple(self.attention_resolutions)
         if not self.channel_multipliers:
-            raise ValueError("tokenizer.channel_multipliers needs at least one level.")
+            raise ValueError("tokenizer.model.channel_multipliers needs at least one level.")
         if self.image_size % self.downsample_factor:
             raise ValueError(
-                f"tokenizer.image_size={self.image_size} is not divisible by the down-sampling "
-                f"factor {self.downsample_factor} (from channel_multipliers="
+                f"tokenizer.model.image_size={self.image_size} is not divisible by the "
+                f"down-sampling factor {self.downsample_factor} (from channel_multipliers="
                 f"{list(self.channel_multipliers)}); choose a multiple of {self.downsample_factor}."
             )
 
@@ -290,8 +287,7 @@ class VQGAN(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write `model.safetensors` and `config.json` into `directory`, each atomically."""
         directory = Path(directory)
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        save_weights(self, directory / WEIGHTS_FILE)
         save_config(self.config, directory / CONFIG_FILE, kind=CONFIG_KIND)
         return directory
 
@@ -306,18 +302,6 @@ class VQGAN(nn.Module):
                 f"or point to the folder that holds {WEIGHTS_FILE} and {CONFIG_FILE}."
             )
         config = load_config(VQGANConfig, directory / CONFIG_FILE, kind=CONFIG_KIND)
-        model = cls(config)
-        state = load_file(str(weights), device=str(device))
-        expected = model.state_dict()
-        wrong = [
-            name
-            for name, tensor in state.items()
-            if name in expected and expected[name].shape != tensor.shape
-        ]
-        if wrong:
-            raise ValueError(
-                f"{weights} does not match {directory / CONFIG_FILE}: tensor shapes differ for "
-                f"{wrong[:3]}; re-export the tokenizer."
-            )
-        model.load_state_dict(state, strict=True)
+        fix = "re-export the tokenizer with scripts/train_tokenizer.py."
+        model = load_checked_model(lambda: cls(config), weights, directory / CONFIG_FILE, fix)
         return model.to(device).eval()
