@@ -21,9 +21,17 @@ from tokenizer.training import build_trainer, fit_and_checkpoint
 def main(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True)
-    data = ImageDataModule(instantiate(cfg.data, _convert_="all"))
+    data_config = instantiate(cfg.data, _convert_="all")
+    model_config = instantiate(cfg.tokenizer.model, _convert_="all")
+    if data_config.image_size != model_config.image_size:
+        raise ValueError(
+            f"data.image_size={data_config.image_size} differs from tokenizer.model.image_size="
+            f"{model_config.image_size}: drop the data.image_size override (it follows the "
+            "tokenizer) or set tokenizer.model.image_size to the same value."
+        )
+    data = ImageDataModule(data_config)
     module = TokenizerModule.from_configs(
-        instantiate(cfg.tokenizer.model, _convert_="all"),
+        model_config,
         instantiate(cfg.tokenizer.loss, _convert_="all"),
         instantiate(cfg.tokenizer.optim, _convert_="all"),
         disc_lr=cfg.tokenizer.disc_lr,

@@ -144,13 +144,20 @@ def test_codebooks_over_uint16_get_wider_codes_and_uint16_cannot_be_asked_for():
         EncodingPlan(**{**plan, "codes_dtype": "uint16"})
 
 
-def test_a_bad_override_stops_the_script_before_any_work(tmp_path):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batch_size=1.5", "data: batch_size must be int, got 1.5"),
+        ("data.image_size=48", "data.image_size=48 differs from tokenizer.model.image_size=32"),
+    ],
+)
+def test_a_bad_override_stops_the_script_before_any_work(tmp_path, override, message):
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_tokenizer.py"
     run_dir = tmp_path / "run"
-    overrides = [f"run_dir={run_dir}", "tokenizer=tiny", "data.batch_size=1.5"]
+    overrides = [f"run_dir={run_dir}", "tokenizer=tiny", override]
     done = subprocess.run([sys.executable, str(script), *overrides], capture_output=True, text=True)
     assert done.returncode != 0
-    assert "data: batch_size must be int, got 1.5" in done.stderr
+    assert message in done.stderr
     written = [p for p in run_dir.rglob("*") if p.is_file() and "logs" not in p.parts]
     assert written == []  # Hydra's logs only: no checkpoint, no export
 
