@@ -392,7 +392,14 @@ class Pipeline:
 
 
 def resolve_device(name: str) -> torch.device:
-    """A torch device; "auto" is CUDA where there is one, else the CPU."""
+    """A torch device; "auto" is CUDA where there is one, else the CPU. A device that is not
+    here fails now, with what to use instead, rather than at the first tensor moved to it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not a device: use cpu, cuda or auto.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but torch sees no GPU here: use device=cpu.")
+    return device

@@ -57,6 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from generator.clip import CLIPEncoder, ImagePreprocess, build_small_clip, clip_tokenizer
 from generator.encoding import encode_batch
 from generator.gpt import GPT, GPTConfig
+from generator.pipeline import resolve_device
 from generator.sampling import generate, generate_naive
 from generator.shards import EMBEDDING_DTYPE, EncodingPlan, codes_dtype
 from tokenizer import VQGAN
@@ -933,16 +934,6 @@ def summary(results: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Entry point
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"device={name!r}: use cpu, cuda or auto.")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but torch sees no GPU here: use device=cpu.")
-    return torch.device(name)
 
 
 def selection(cfg: DictConfig) -> DictConfig:

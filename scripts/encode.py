@@ -9,18 +9,12 @@ resume from the last complete shard; on a finished encode it does nothing.
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from generator.clip import load_clip
 from generator.encoding import encode_run
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from generator.pipeline import resolve_device
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="encode")

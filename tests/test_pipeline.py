@@ -28,7 +28,7 @@ from generator.evaluation import (
 )
 from generator.export import Provenance, RunMismatchError, save_generator
 from generator.gpt import GPT, GPTConfig
-from generator.pipeline import Generated, Pipeline, Variations, clean_prompt
+from generator.pipeline import Generated, Pipeline, Variations, clean_prompt, resolve_device
 from generator.shards import tokenizer_fingerprint
 from tokenizer import VQGAN
 from tokenizer.data import DataConfig, build_dataset
@@ -449,3 +449,12 @@ def test_evaluate_reports_the_generator(run_copy):
     variations = generated["variations"]
     assert variations["num_sources"] == 2 and 0 <= variations["consistency"] <= 1
     assert variations["diversity"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is")
+def test_a_device_that_is_not_here_is_refused_at_start():
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device=cuda but torch sees no GPU here: use device=cpu"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="device='gpu0' is not a device: use cpu, cuda or auto"):
+        resolve_device("gpu0")
