@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from tokenizer import VQGAN, QuantizerConfig, VQGANConfig
+from tokenizer.data import Sample
+from tokenizer.evaluation import FeatureExtractor, evaluate_tokenizer
 
 FACTOR_MULTIPLIERS = {4: (1, 2, 2), 8: (1, 1, 2, 2), 16: (1, 1, 2, 2, 2)}
 
@@ -89,3 +91,20 @@ def test_wrong_image_size_is_a_clear_error():
     model = VQGAN(VQGANConfig.tiny())
     with pytest.raises(ValueError, match="image_size=32"):
         model.encode(torch.zeros(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("num_images", [1, 3])
+def test_evaluation_gives_a_frechet_distance_from_two_images_on(num_images):
+    """A covariance needs two images: with one, the distance is None instead of an error."""
+    images = torch.rand(num_images, 3, 32, 32) * 2 - 1
+    batches = [Sample(images, [""] * num_images)]
+    features = FeatureExtractor(lambda x: x.mean(dim=(2, 3)), dim=3)
+    metrics = evaluate_tokenizer(
+        VQGAN(VQGANConfig.tiny()),
+        batches,
+        max_images=8,
+        use_checker=False,
+        frechet_features=features,
+    )
+    assert metrics.num_images == num_images
+    assert (metrics.frechet_distance is None) == (num_images == 1)

@@ -37,7 +37,7 @@ class TokenizerMetrics:
     usage: float  # distinct codes / codebook size, over every code of the evaluated images
     perplexity: float
     num_codes_counted: int
-    frechet_distance: float | None  # in the given feature space; None without one
+    frechet_distance: float | None  # in the given feature space; None without one or 2 images
     checker_accuracy_originals: float | None  # shapes only
     checker_accuracy_reconstructions: float | None
     checker_ratio: float | None  # reconstructions / originals
@@ -115,7 +115,7 @@ def evaluate_tokenizer(
         usage=stats.usage,
         perplexity=stats.perplexity,
         num_codes_counted=stats.num_counted,
-        frechet_distance=frechet.compute().item() if frechet is not None else None,
+        frechet_distance=frechet.compute().item() if frechet is not None and seen > 1 else None,
         checker_accuracy_originals=accuracy_originals,
         checker_accuracy_reconstructions=accuracy_reconstructions,
         checker_ratio=(
