@@ -13,6 +13,10 @@ time): one fully specified phrasing per scene is a cleaner target than the sampl
 some of which leave attributes out, and it is the phrasing zero-shot retrieval ranks. A CLIP
 trained on canonical captions alone would read other phrasings ("a red circle") poorly, so
 the rest keep the sampled caption.
+
+Under DDP each rank batches its own share of the data (Lightning's distributed sampler, or
+ShardDataset's split of the shards); the ranks' batches then differ in size, and CLIPModule
+trims them to the smallest before gathering features across ranks.
 """
 
 from __future__ import annotations

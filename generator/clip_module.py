@@ -77,7 +77,19 @@ class CLIPModule(SkipsNonFiniteLoss, ClipsGradientNorm, L.LightningModule):
         image = self.model.encode_image(self.preprocess(batch.images), normalize=True)
         return Embeddings(image, self.model.encode_text(tokens, normalize=True))
 
+    def same_size_on_every_rank(self, batch: CaptionBatch) -> CaptionBatch:
+        """The first items of `batch`, as many as the smallest batch of any rank holds.
+
+        Under DDP the loss gathers every rank's features, which must be equally many, while
+        distinct-caption batches lose a varying number of items (generator/clip_data.py)."""
+        if self.trainer.world_size == 1:
+            return batch
+        size = torch.tensor(len(batch.captions), device=self.device)
+        smallest = int(self.trainer.strategy.reduce(size, reduce_op="min"))
+        return CaptionBatch(batch.images[:smallest], batch.captions[:smallest])
+
     def _step(self, batch: CaptionBatch, split: str) -> torch.Tensor | None:
+        batch = self.same_size_on_every_rank(batch)
         size = len(batch.captions)
         if size < 2:  # nothing to contrast with
             return None

@@ -17,12 +17,21 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from lightning.pytorch.trainer.connectors.data_connector import (
+    _get_distributed_sampler,
+    _is_dataloader_shuffled,
+    _update_dataloader,
+)
+from lightning.pytorch.trainer.states import RunningStage
 from PIL import Image
+from torch.utils.data import DataLoader
 
+from generator.clip_data import CaptionBatch, CaptionDataModule
 from tokenizer.data import (
     SHARD_IMAGE_KEYS,
     DataConfig,
     ImageDataModule,
+    RankSplit,
     ReportingDataLoader,
     Sample,
     ShapesDataset,
@@ -292,23 +301,89 @@ def test_tar_members_that_escape_their_folder_are_skipped_and_never_written(tmp_
     assert not outside.exists() and not (tmp_path / "evil.png").exists()
 
 
+def _loader_captions(dataset, num_workers: int) -> list[str]:
+    loader = ReportingDataLoader(dataset, batch_size=1, num_workers=num_workers)
+    return [caption for batch in loader for caption in batch.caption]
+
+
 def test_shards_are_split_between_workers_and_ranks(tmp_path, captioned_files, monkeypatch):
     _write_shards(tmp_path / "shards", captioned_files, per_shard=1)  # five shards
     config = _config("webdataset", tmp_path / "shards")
-    dataset = build_dataset(config, "train")
-    captions = [
-        c
-        for batch in ReportingDataLoader(dataset, batch_size=1, num_workers=2)
-        for c in batch.caption
+    every_caption = sorted(c for _, c in captioned_files.values())
+    assert sorted(_loader_captions(build_dataset(config, "train"), 2)) == every_caption
+    per_rank = [
+        _loader_captions(build_dataset(config, "train", ranks=RankSplit(rank, 2)), 2)
+        for rank in range(2)
     ]
-    assert sorted(captions) == sorted(c for _, c in captioned_files.values())  # each exactly once
-    per_rank = []
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        per_rank.append({sample.caption for sample in build_dataset(config, "train")})
-    assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]
-    assert per_rank[0] | per_rank[1] == set(captions)
+    assert len(per_rank[0]) == 3 and len(per_rank[1]) == 2  # shards 0, 2, 4 and 1, 3
+    assert sorted(per_rank[0] + per_rank[1]) == every_caption  # each exactly once
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert build_dataset(config, "train").ranks == RankSplit(1, 2)
+    with pytest.raises(ValueError, match="5 shard.* for 8 ranks: every rank needs a shard"):
+        build_dataset(config, "train", ranks=RankSplit(0, 8))
+
+
+def lightning_rank_loaders(loader: DataLoader, world_size: int) -> list[DataLoader]:
+    """The training `loader` as Lightning remakes it on each DDP rank: with the distributed
+    sampler it injects in place of the loader's own (Trainer(use_distributed_sampler=True))."""
+    shuffle = _is_dataloader_shuffled(loader)
+    loaders = []
+    for rank in range(world_size):
+        sampler = _get_distributed_sampler(
+            loader, shuffle, overfit_batches=0, num_replicas=world_size, rank=rank
+        )
+        loaders.append(_update_dataloader(loader, sampler, mode=RunningStage.TRAINING))
+    return loaders
+
+
+def _image_key(image: torch.Tensor) -> bytes:
+    return image.numpy().tobytes()
+
+
+def _distinct_captioned_folder(root: Path, count: int) -> dict[str, tuple[bytes, str]]:
+    rng = np.random.default_rng(1)
+    files = {
+        f"image{index}.png": (
+            _encoded(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "PNG"),
+            f"picture {index}",
+        )
+        for index in range(count)
+    }
+    _write_folder(root, files, "sidecars")
+    return files
+
+
+@pytest.mark.parametrize("source", ["shapes", "folder"])
+def test_map_style_sources_are_split_between_ranks_by_lightning(tmp_path, source):
+    """Two ranks x two batches of 4: the epoch's 16 samples, each on one rank, once."""
+    if source == "folder":
+        _distinct_captioned_folder(tmp_path, 16)
+        config = _config("folder", tmp_path, batch_size=4)
+    else:
+        config = DataConfig(num_train=16, num_val=4, batch_size=4, num_workers=0)
+    data = ImageDataModule(config)
+    data.setup("fit")
+    dataset = data.datasets["train"]
+    expected = sorted(_image_key(dataset[index].image) for index in range(len(dataset)))
+    seen = []
+    for loader in lightning_rank_loaders(data.train_dataloader(), world_size=2):
+        assert isinstance(loader, ReportingDataLoader)  # still reports skipped files
+        batches = list(loader)
+        assert [len(batch.caption) for batch in batches] == [4, 4]
+        seen += [_image_key(image) for batch in batches for image in batch.image]
+    assert sorted(seen) == expected
+
+
+def test_clip_caption_batches_are_split_between_ranks_by_lightning(tmp_path):
+    files = _distinct_captioned_folder(tmp_path, 8)
+    data = CaptionDataModule(_config("folder", tmp_path, batch_size=2))
+    seen = []
+    for loader in lightning_rank_loaders(data.train_dataloader(), world_size=2):
+        batches = list(loader)
+        assert len(batches) == 2 and all(isinstance(b, CaptionBatch) for b in batches)
+        seen += [caption for batch in batches for caption in batch.captions]
+    assert sorted(seen) == sorted(caption for _, caption in files.values())
 
 
 def test_held_out_fractions_partition_a_folder(tmp_path):

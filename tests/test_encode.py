@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
+from test_data import lightning_rank_loaders
 from torch.utils.data import DataLoader
 
 import generator.encoding
@@ -277,6 +278,22 @@ def test_datamodule_batches_and_workers_see_every_sample_once(tmp_path):
     assert len(pickle.dumps(dataset)) < 10_000  # workers get paths, not copies of the shards
     loader = DataLoader(dataset, batch_size=5, num_workers=2)
     assert [caption for batch in loader for caption in batch.caption] == expected
+
+
+def test_encoded_shards_are_split_between_ranks_by_lightning(tmp_path):
+    """Two ranks x two batches of 3 over 12 samples in three shards: each once, on one rank."""
+    save_tokenizer(tmp_path)
+    encode_run(tmp_path, shapes_config(num_train=12), FakeCLIP(), shard_size=5)
+    data = EncodedDataModule(tmp_path, batch_size=3, num_workers=0)
+    data.setup("fit")
+    dataset = data.datasets["train"]
+    expected = sorted(dataset[i].image_embedding.numpy().tobytes() for i in range(len(dataset)))
+    seen = []
+    for loader in lightning_rank_loaders(data.train_dataloader(), world_size=2):
+        batches = list(loader)
+        assert [batch.codes.shape[0] for batch in batches] == [3, 3]
+        seen += [row.numpy().tobytes() for batch in batches for row in batch.image_embedding]
+    assert sorted(seen) == expected
 
 
 def test_encode_config_composes_with_its_defaults():

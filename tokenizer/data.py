@@ -20,6 +20,7 @@ import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
@@ -43,6 +44,19 @@ CAPTION_FILES = ("captions.jsonl", "captions.csv")
 PATH_COLUMNS = ("path", "file", "file_name", "image")
 CAPTION_COLUMNS = ("caption", "text")
 MAX_BAD_IN_A_ROW = 64  # a folder where this many files in a row fail is broken, not noisy
+
+
+class RankSplit(NamedTuple):
+    """This process's place among data-parallel ranks: (0, 1) without DDP or FSDP."""
+
+    rank: int
+    world_size: int
+
+
+def current_rank_split() -> RankSplit:
+    """The rank as torchrun and SLURM's environment or an initialised process group gives it."""
+    rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+    return RankSplit(rank, world_size)
 
 
 class Sample(NamedTuple):
@@ -490,23 +504,42 @@ def shard_urls(path: str) -> list[str]:
 class ShardDataset(IterableDataset):
     """WebDataset tar shards in the img2dataset layout: jpg/png/webp + txt (+ json).
 
-    Shards are split between ranks and between DataLoader workers; a sample that cannot be
+    Shards are split between ranks (`ranks`, by default this process's, taken when the dataset
+    is made: under Lightning that is after the process group started, and DataLoader workers,
+    however started, inherit it) and then between DataLoader workers, so each shard is read
+    once per pass over the data. Ranks may hold different numbers of samples; training counts
+    steps, and a rank at the end of its shards starts its next pass. A sample that cannot be
     decoded, and a member whose name is absolute or climbs out with '..', is recorded in
     `skip_log` and dropped. Members are streamed and never written to disk.
     """
 
-    def __init__(self, config: DataConfig, split: str, train: bool | None = None) -> None:
+    def __init__(
+        self,
+        config: DataConfig,
+        split: str,
+        train: bool | None = None,
+        ranks: RankSplit | None = None,
+    ) -> None:
         self.source = _source(config, split)
         self.urls = shard_urls(self.source.path)
+        self.ranks = ranks if ranks is not None else current_rank_split()
+        if len(self.urls) < self.ranks.world_size:
+            raise ValueError(
+                f"{len(self.urls)} shard(s) in {self.source.path} for {self.ranks.world_size} "
+                "ranks: every rank needs a shard of its own, so write the data as more shards "
+                "(img2dataset's number_sample_per_shard) or train on fewer devices."
+            )
         self.train = split == "train" if train is None else train
         self.transform = ImageTransform(config, train=self.train)
         self.max_pixels, self.alpha_background = config.max_image_pixels, config.alpha_background
         self.image_size, self.shuffle_buffer = config.image_size, config.shuffle_buffer
         self.skip_log = SkipLog()
-        if len(self.urls) < max(config.num_workers, 1):
+        per_rank = len(self.urls) // self.ranks.world_size
+        if per_rank < max(config.num_workers, 1):
             logger.warning(
-                "%d shard(s) for %d DataLoader workers: some workers will have nothing to read.",
-                len(self.urls),
+                "%d shard(s) per rank for %d DataLoader workers: some workers will have nothing "
+                "to read.",
+                per_rank,
                 config.num_workers,
             )
 
@@ -555,11 +588,15 @@ class ShardDataset(IterableDataset):
                 return ""
         return ""
 
+    def _split_by_rank(self, urls):
+        """WebDataset's node splitter, with this dataset's ranks rather than the environment's."""
+        return islice(urls, self.ranks.rank, None, self.ranks.world_size)
+
     def __iter__(self):
         pipeline = wds.WebDataset(
             self.urls,
             shardshuffle=len(self.urls) if self.train else False,
-            nodesplitter=wds.split_by_node,
+            nodesplitter=self._split_by_rank,
             workersplitter=wds.split_by_worker,
             handler=self._on_error,
             select_files=self._safe_member,
@@ -589,9 +626,12 @@ def make_loader(
     )
 
 
-def build_dataset(config: DataConfig, split: str, train: bool | None = None) -> Dataset:
+def build_dataset(
+    config: DataConfig, split: str, train: bool | None = None, ranks: RankSplit | None = None
+) -> Dataset:
     """One split of the configured source. `train` (default: split == "train") turns on the
-    random augmentations the config allows."""
+    random augmentations the config allows. `ranks` splits WebDataset shards (default: this
+    process's rank); map-style sources are split between ranks by Lightning's sampler."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: use one of {SPLITS}.")
     if not has_split(config, split):
@@ -603,12 +643,14 @@ def build_dataset(config: DataConfig, split: str, train: bool | None = None) -> 
         return ShapesDataset(config.shapes_config(), split, _shapes_length(config, split))
     if config.source == "folder":
         return FolderDataset(config, split, train)
-    return ShardDataset(config, split, train)
+    return ShardDataset(config, split, train, ranks)
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Train/val/test loaders for any source. Map-style datasets get Lightning's distributed
-    sampler; shards are split per rank by WebDataset."""
+    """Train/val/test loaders for any source. Under DDP, map-style datasets (shapes, folders)
+    get Lightning's distributed sampler: every sample on one rank, once per epoch, where the
+    split's size divides by the number of ranks (else up to ranks - 1 samples are repeated to
+    even the ranks out). WebDataset shards are split between ranks by ShardDataset."""
 
     def __init__(self, config: DataConfig) -> None:
         super().__init__()

@@ -23,7 +23,7 @@ from tokenizer.evaluation import to_unit_range
 from tokenizer.io import dataclass_from_dict
 from tokenizer.losses import LossConfig, VQGANLoss
 from tokenizer.optim import OptimConfig, SkipsNonFiniteLoss, adamw_with_schedule, schedule_length
-from tokenizer.quantizer import codebook_stats
+from tokenizer.quantizer import histogram_stats
 from tokenizer.vqgan import VQGAN, VQGANConfig
 
 
@@ -153,11 +153,15 @@ class TokenizerModule(SkipsNonFiniteLoss, L.LightningModule):
             self._save_grid(images, reconstructions)
 
     def on_validation_epoch_end(self) -> None:
-        if not self.val_codes:
-            return
-        codes = self.all_gather(torch.cat(self.val_codes)).flatten()
+        no_codes = torch.zeros(0, dtype=torch.long, device=self.device)
+        codes = torch.cat(self.val_codes) if self.val_codes else no_codes
         self.val_codes.clear()
-        stats = codebook_stats(codes, self.vqgan.num_codes)
+        # ranks may have validated different numbers of codes (WebDataset shards are uneven):
+        # their histograms, one size everywhere, are what is summed across ranks
+        counts = torch.bincount(codes, minlength=self.vqgan.num_codes)
+        stats = histogram_stats(self.trainer.strategy.reduce(counts, reduce_op="sum"))
+        if stats.num_counted == 0:
+            return
         self.log("val/usage", stats.usage, prog_bar=True, rank_zero_only=True)
         self.log("val/perplexity", stats.perplexity, rank_zero_only=True)
 

@@ -4,6 +4,11 @@ Codes live in a low-dimensional lookup space (factorised codes, as in ViT-VQGAN)
 are projected down to `code_dim`, optionally l2-normalised, matched to the nearest code,
 and the chosen code is projected back up. Small, normalised codes keep codebook usage
 high; dead codes are restarted from recent encoder outputs.
+
+Under data-parallel training every rank holds a replica of the codebook state. The EMA
+statistics, the usage that decides which codes are dead, and the vectors that restart them
+are shared between ranks (all-reduced, or broadcast from rank zero) so that replicas never
+drift apart; with a single process these collectives are skipped.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
@@ -56,17 +62,52 @@ class QuantizerOutput(NamedTuple):
     codebook_loss: torch.Tensor
 
 
+def histogram_stats(counts: torch.Tensor) -> CodebookStats:
+    """Usage and perplexity of a (K,) histogram of codes. Histograms from several ranks add up
+    to the histogram of all their codes, whatever number of codes each rank holds."""
+    counts = counts.double()
+    total = int(counts.sum().item())
+    if total == 0:
+        return CodebookStats(usage=0.0, perplexity=0.0, num_counted=0)
+    probs = counts / total
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    usage = (counts > 0).sum().item() / counts.numel()
+    return CodebookStats(usage=usage, perplexity=entropy.exp().item(), num_counted=total)
+
+
 def codebook_stats(codes: torch.Tensor, num_codes: int) -> CodebookStats:
     """Usage and perplexity of a fixed set of codes (negative entries are ignored)."""
     codes = codes.flatten()
-    codes = codes[codes >= 0]
-    if codes.numel() == 0:
-        return CodebookStats(usage=0.0, perplexity=0.0, num_counted=0)
-    counts = torch.bincount(codes, minlength=num_codes).double()
-    probs = counts / counts.sum()
-    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
-    usage = (counts > 0).sum().item() / num_codes
-    return CodebookStats(usage=usage, perplexity=entropy.exp().item(), num_counted=codes.numel())
+    return histogram_stats(torch.bincount(codes[codes >= 0], minlength=num_codes))
+
+
+def distributed() -> bool:
+    """True when torch.distributed runs with more than one process (DDP or FSDP)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
+    """`tensor` reduced over every rank (in place); unchanged with a single process."""
+    if distributed():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def all_ranks_true(flags: torch.Tensor) -> torch.Tensor:
+    """Elementwise AND of a bool tensor over every rank."""
+    return all_reduce(flags.to(torch.uint8), dist.ReduceOp.MIN).bool()
+
+
+def any_rank_true(flags: torch.Tensor) -> torch.Tensor:
+    """Elementwise OR of a bool tensor over every rank."""
+    return all_reduce(flags.to(torch.uint8), dist.ReduceOp.MAX).bool()
+
+
+def from_rank_zero(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank zero's `tensor` on every rank (in place); unchanged with a single process."""
+    if distributed():
+        dist.broadcast(tensor, src=0)
+    return tensor
 
 
 class VectorQuantizer(nn.Module):
@@ -124,8 +165,11 @@ class VectorQuantizer(nn.Module):
             vectors = self.to_lookup_space(latents)  # (N, D)
             codes = self.nearest_codes(vectors)  # (N,)
             # a batch with a NaN or inf latent leaves the codebook state alone (its step is
-            # skipped by the training module), written as a mask so that nothing waits on it
+            # skipped by the training module), written as a mask so that nothing waits on it;
+            # in training, a non-finite batch on any rank leaves every rank's state alone
             finite = torch.isfinite(vectors).all()
+            if self.training:
+                finite = all_ranks_true(finite)
             if self.training and self.config.use_ema:
                 self._ema_update(vectors.detach(), codes, finite)
             chosen = self.lookup_vectors()[codes]  # (N, D)
@@ -161,11 +205,14 @@ class VectorQuantizer(nn.Module):
         """Running means of the latents assigned to each code.
 
         Only codes used in this batch are updated: an unused code keeps its vector until it is
-        restarted, instead of decaying toward zero (where l2-normalisation is undefined).
+        restarted, instead of decaying toward zero (where l2-normalisation is undefined). Counts
+        and sums are totals over every rank's batch, as if one process had seen them all.
         """
         decay = self.config.ema_decay
         counts = torch.bincount(codes, minlength=self.num_codes).type_as(vectors)  # (K,)
         sums = torch.zeros_like(self.ema_code_sum).index_add_(0, codes, vectors)  # (K, D)
+        totals = all_reduce(torch.cat([counts[:, None], sums], dim=1), dist.ReduceOp.SUM)
+        counts, sums = totals[:, 0], totals[:, 1:]
         used = (counts > 0) & finite
         self.ema_cluster_size.copy_(
             torch.where(
@@ -190,6 +237,7 @@ class VectorQuantizer(nn.Module):
         self.recent_position.copy_((self.recent_position + codes.numel() * finite) % window)
         used = torch.zeros(self.num_codes, dtype=torch.bool, device=codes.device)
         used[codes] = True
+        used = any_rank_true(used)  # a code used by any rank is alive on all of them
         self.steps_unused.add_(finite.long()).masked_fill_(used & finite, 0)
 
     @torch.no_grad()
@@ -197,10 +245,12 @@ class VectorQuantizer(nn.Module):
         """Move codes unused for `dead_code_steps` steps onto random recent encoder outputs.
 
         Written with masks rather than indexing so a training step never waits on the device.
+        Every rank restarts the same codes (steps_unused agrees across ranks) with rank zero's
+        picks, so the replicas' codebooks stay identical.
         """
         dead = ((self.steps_unused >= self.config.dead_code_steps) & finite)[:, None]  # (K, 1)
         picks = torch.randint(0, vectors.shape[0], (self.num_codes,), device=vectors.device)
-        replacements = vectors[picks]  # (K, D), used only where a code is dead
+        replacements = from_rank_zero(vectors[picks].contiguous())  # (K, D), used where dead
         self.codebook.data.copy_(torch.where(dead, replacements, self.codebook.data))
         if self.config.use_ema:
             self.ema_code_sum.copy_(torch.where(dead, replacements, self.ema_code_sum))

@@ -4,6 +4,10 @@ Every stage trains into one run directory:
     RUN/<stage>/              exported inference weights (safetensors + config.json)
     RUN/checkpoints/<stage>/  Lightning checkpoints, `last.ckpt` is what a rerun resumes from
     RUN/logs/<stage>/         CSV (and TensorBoard where installed) logs and image grids
+
+The same code runs on one device and under data parallelism (trainer=ddp or trainer=fsdp,
+launched by torchrun or SLURM): Lightning splits map-style data between ranks with its
+distributed sampler, and only rank zero prints, logs images and exports.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback as TrainerCallback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 from tokenizer.io import WriteError, atomic_write_bytes, check_writable, remove_temporaries
 
@@ -76,6 +83,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write_bytes(path, buffer.getbuffer())
 
 
+class BatchReport(TrainerCallback):
+    """Prints, once and on rank zero, how a step's batch is made up across devices.
+
+    The learning rate is used as configured whatever the number of devices: Adam-style
+    optimisers do not follow the linear scaling rule reliably, so scaling it is left to the user.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        per_device = getattr(trainer.train_dataloader, "batch_size", None)
+        if per_device is None:
+            return
+        accumulate = trainer.accumulate_grad_batches
+        effective = per_device * trainer.world_size * accumulate
+        optim = getattr(module, "optim_config", None)
+        lr = f"lr {optim.lr:g}" if optim is not None else "the learning rate"
+        rank_zero_info(
+            f"{trainer.world_size} device(s) x batch {per_device} x {accumulate} accumulated = "
+            f"effective batch {effective}; {lr} is used as configured, not scaled with the "
+            "effective batch: change it yourself when you change devices or batch size."
+        )
+
+
 def loggers(run_dir: str | Path, stage: str) -> list:
     """CSV logs always; TensorBoard as well where it is installed."""
     root = Path(run_dir) / "logs"
@@ -98,6 +127,8 @@ def build_trainer(
     options["precision"] = resolve_precision(
         str(options.get("precision", "auto")), str(options.get("accelerator", "auto"))
     )
+    if isinstance(options.get("strategy"), dict):  # a strategy with settings (trainer=fsdp)
+        options["strategy"] = instantiate(options["strategy"])
     checkpoints = ModelCheckpoint(
         dirpath=checkpoint_dir(run_dir, stage),
         every_n_train_steps=checkpoint_every_n_steps,
@@ -107,7 +138,7 @@ def build_trainer(
     return L.Trainer(
         default_root_dir=str(run_dir),
         logger=loggers(run_dir, stage),
-        callbacks=[checkpoints, *(callbacks or [])],
+        callbacks=[checkpoints, BatchReport(), *(callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         **options,
     )
