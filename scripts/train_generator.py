@@ -1,6 +1,6 @@
 """Train the generator on RUN/encoded: RUN/generator/{model.safetensors,config.json,provenance.json}.
 
-    python scripts/train_generator.py run_dir=RUN [generator=shapes|tiny|small|base] [trainer=...]
+    python scripts/train_generator.py run_dir=RUN [generator=shapes|tiny|small|base|large] [trainer=...]
                                       [condition.mode=text|image|mixed] [ema_decay=0.999]
 
 The vocabulary, code grid and CLIP width come from RUN/encoded/manifest.json (checked against

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from generator.clip import CLIPConfig
 from generator.conditioning import ConditionConfig
-from generator.gpt import GPTConfig
+from generator.gpt import GPT, GPTConfig
 from generator.shards import EncodingPlan, codes_dtype
 from tokenizer import VQGAN, LossConfig, VQGANConfig
 from tokenizer.data import DataConfig
@@ -63,6 +64,10 @@ def test_every_trainer_config_builds_a_trainer(trainer, tmp_path):
     overrides = [f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=1"]
     cfg = compose_config("train_tokenizer", overrides)
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer == "fsdp":  # Lightning runs FSDP on CUDA only: its strategy is built, then refused
+        with pytest.raises(ValueError, match="strategy `fsdp` requires a GPU accelerator"):
+            build_trainer(options, tmp_path, stage="tokenizer", checkpoint_every_n_steps=10)
+        return
     built = build_trainer(options, tmp_path, stage="tokenizer", checkpoint_every_n_steps=10)
     assert built.max_steps == cfg.trainer.max_steps
     assert built.precision in ("32-true", "bf16-mixed")
@@ -175,3 +180,22 @@ def test_every_loss_weight_and_optimiser_setting_is_overridable(preset):
     loss = instantiate(cfg.tokenizer.loss, _convert_="all")
     assert all(getattr(loss, name) == 0.5 for name in weights)
     instantiate(cfg.tokenizer.optim, _convert_="all")
+
+
+@pytest.mark.parametrize(
+    ("preset", "low", "high"), [("base", 100e6, 120e6), ("large", 300e6, 350e6)]
+)
+def test_real_size_generators_have_their_size_over_the_photo_tokenizer(preset, low, high):
+    """About 100M and 300M parameters over photo_f16's 16,384 codes and ViT-B/32's 512 wide
+    embeddings, as the README's "Real-size presets" table says."""
+    tokenizer = compose_config("train_tokenizer", ["tokenizer=photo_f16"]).tokenizer.model
+    tokenizer = instantiate(tokenizer, _convert_="all")
+    config = instantiate(
+        compose_config("train_generator", [f"generator={preset}"]).generator,
+        vocab_size=tokenizer.quantizer.num_codes,
+        grid_size=list(tokenizer.grid_size),
+        clip_dim=512,
+        _convert_="all",
+    )
+    with torch.device("meta"):  # counts parameters without allocating them
+        assert low < GPT(config).num_parameters() < high
