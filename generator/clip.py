@@ -434,6 +434,21 @@ def _load_pretrained(config: CLIPConfig) -> CLIPEncoder:
     )
 
 
+ENCODED_CONFIG_FILE = "clip.json"  # in RUN/encoded: the CLIP that made the embeddings
+
+
+def record_encoding_clip(config: CLIPConfig, encoded_dir: str | Path) -> Path:
+    """Keep beside the shards the config of the CLIP that embedded them, so that the generator
+    trained on them can name its CLIP without the user typing it again."""
+    return save_config(config, Path(encoded_dir) / ENCODED_CONFIG_FILE, kind=CONFIG_KIND)
+
+
+def encoding_clip(encoded_dir: str | Path) -> CLIPConfig | None:
+    """The config `record_encoding_clip` kept, or None for shards encoded before it did."""
+    path = Path(encoded_dir) / ENCODED_CONFIG_FILE
+    return load_config(CLIPConfig, path, kind=CONFIG_KIND) if path.is_file() else None
+
+
 def load_clip(
     config: CLIPConfig,
     run_dir: str | Path | None = None,

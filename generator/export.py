@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 
+from generator.clip import CLIPConfig
 from generator.gpt import GPT, GPTConfig
 from generator.shards import tokenizer_fingerprint
 from tokenizer.io import load_config, save_config
@@ -46,6 +47,7 @@ class Provenance:
     tokenizer_fingerprint: str  # generator.shards.tokenizer_fingerprint of RUN/tokenizer
     clip_fingerprint: str  # CLIPEncoder.fingerprint() of the CLIP that made the embeddings
     condition: str  # "text", "image" or "mixed": what the generator was conditioned on
+    clip: CLIPConfig | None = None  # how to load that CLIP; None where encode did not record it
 
     def __post_init__(self) -> None:
         if self.condition not in CONDITIONS:

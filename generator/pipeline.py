@@ -150,11 +150,13 @@ class Pipeline:
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> Pipeline:
         """Load RUN/tokenizer, the run's CLIP and RUN/generator, refusing parts that do not
-        belong together. `clip_config` names the CLIP where the run did not train its own."""
+        belong together. The CLIP is `clip_config` where given, else the one the generator's
+        provenance names, else the run's own (RUN/clip)."""
         run_dir = Path(run_dir)
         vqgan = VQGAN.from_pretrained(run_dir / "tokenizer", device=device)
         model, provenance = load_generator(run_dir / "generator", device=device)
-        clip = load_clip(clip_config or run_clip_config(run_dir), run_dir, device)
+        clip_config = clip_config or provenance.clip or run_clip_config(run_dir)
+        clip = load_clip(clip_config, run_dir, device)
         check_belongs_together(provenance, run_dir, clip.fingerprint(), config=model.config)
         return cls(vqgan, clip, model, provenance, batch_size)
 

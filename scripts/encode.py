@@ -12,7 +12,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from generator.clip import load_clip
+from generator.clip import load_clip, record_encoding_clip
 from generator.encoding import encode_run
 from generator.pipeline import resolve_device
 
@@ -21,7 +21,8 @@ from generator.pipeline import resolve_device
 def main(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     device = resolve_device(cfg.device)
-    clip = load_clip(instantiate(cfg.clip, _convert_="all"), run_dir, device)
+    clip_config = instantiate(cfg.clip, _convert_="all")
+    clip = load_clip(clip_config, run_dir, device)
     outcome = encode_run(
         run_dir,
         instantiate(cfg.data, _convert_="all"),
@@ -31,6 +32,7 @@ def main(cfg: DictConfig) -> None:
         device=device,
         overwrite=cfg.overwrite,
     )
+    record_encoding_clip(clip_config, run_dir / "encoded")
     counts = ", ".join(f"{s.name}: {s.num_samples}" for s in outcome.manifest.splits)
     if outcome.already_done:
         print(f"{run_dir / 'encoded'} is already complete ({counts}): nothing to do.")

@@ -28,7 +28,7 @@ from generator.evaluation import (
     shapes_prompts,
     shapes_sources,
 )
-from generator.pipeline import Pipeline
+from generator.pipeline import Pipeline, resolve_device
 from tokenizer import VQGAN
 from tokenizer.data import DataConfig, ImageDataModule, build_dataset
 from tokenizer.evaluation import FeatureExtractor, evaluate_tokenizer
@@ -69,7 +69,7 @@ def evaluate_generator_in_run(
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     vqgan = VQGAN.from_pretrained(run_dir / "tokenizer", device=device)
     clip = clip_in_run(run_dir, device)
     with open_dict(cfg):

@@ -14,6 +14,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from generator.clip import encoding_clip
 from generator.conditioning import check_captions
 from generator.data import EncodedDataModule, EncodedDataset, load_manifest
 from generator.export import Provenance, save_generator
@@ -55,7 +56,12 @@ def main(cfg: DictConfig) -> None:
     )
     condition = instantiate(cfg.condition, _convert_="all")
     check_captions(manifest, condition, run_dir)
-    provenance = Provenance(plan.tokenizer_fingerprint, plan.clip_fingerprint, condition.mode)
+    provenance = Provenance(
+        plan.tokenizer_fingerprint,
+        plan.clip_fingerprint,
+        condition.mode,
+        clip=encoding_clip(run_dir / "encoded"),
+    )
     module = GeneratorModule.from_configs(
         model_config,
         instantiate(cfg.optim, _convert_="all"),

@@ -20,7 +20,13 @@ from test_data import lightning_rank_loaders
 from torch.utils.data import DataLoader
 
 import generator.encoding
-from generator.clip import CLIPConfig, build_small_clip, load_clip, save_trained_clip
+from generator.clip import (
+    CLIPConfig,
+    build_small_clip,
+    encoding_clip,
+    load_clip,
+    save_trained_clip,
+)
 from generator.data import EncodedDataModule, EncodedDataset, load_manifest
 from generator.encoding import encode_run
 from generator.shards import ShardMismatchError, read_shard
@@ -326,6 +332,7 @@ def test_encode_script_end_to_end(tmp_path):
     clip = load_clip(clip_config, tmp_path)
     dataset = EncodedDataset(tmp_path, "train")
     assert dataset.manifest.plan.clip_fingerprint == clip.fingerprint()
+    assert encoding_clip(tmp_path / "encoded") == clip_config
     source = build_dataset(shapes_config(num_train=6), "train", train=False)
     images = torch.stack([source[i].image for i in range(6)])
     stored = torch.stack([dataset[i].image_embedding for i in range(6)])

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from test_encode import FakeCLIP, save_tokenizer, write_images
 from torch.utils.data import DataLoader
 
+from generator.clip import CLIPConfig, record_encoding_clip
 from generator.conditioning import (
     ConditionConfig,
     check_captions,
@@ -317,9 +318,12 @@ def test_train_generator_script_exports_and_resumes(encoded_run):
         "checkpoint_every_n_steps=2",
         "trainer.enable_progress_bar=false",
     ]
+    encoding_clip_config = CLIPConfig(source="pretrained", model_name="ViT-B-32")
+    record_encoding_clip(encoding_clip_config, encoded_run / "encoded")  # as encode.py does
     first = run_script("train_generator.py", *common, "trainer.max_steps=3")
     assert first.returncode == 0, first.stderr[-3000:]
     loaded = load_generator(encoded_run / "generator")
+    assert loaded.provenance.clip == encoding_clip_config
     assert loaded.model.config.vocab_size == VOCAB and loaded.model.config.grid_size == GRID
     assert loaded.model.config.clip_dim == CLIP_DIM
     check_belongs_together(

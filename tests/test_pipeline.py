@@ -26,7 +26,7 @@ from generator.evaluation import (
     shapes_prompts,
     shapes_sources,
 )
-from generator.export import Provenance, RunMismatchError, save_generator
+from generator.export import Provenance, RunMismatchError, load_generator, save_generator
 from generator.gpt import GPT, GPTConfig
 from generator.pipeline import Generated, Pipeline, Variations, clean_prompt, resolve_device
 from generator.shards import tokenizer_fingerprint
@@ -135,6 +135,25 @@ def test_missing_parts_say_what_to_run(run_dir, tmp_path):
     shutil.copytree(run_dir, no_clip, ignore=shutil.ignore_patterns("clip"))
     with pytest.raises(FileNotFoundError, match="clip="):
         Pipeline.from_run_dir(no_clip)
+
+
+def test_a_generator_whose_provenance_names_its_clip_needs_no_clip_argument(run_copy, tmp_path):
+    """A run that encoded with a CLIP from elsewhere (pretrained, a file) has no RUN/clip: the
+    CLIP config encode.py used travels into RUN/generator/provenance.json."""
+    elsewhere = tmp_path / "elsewhere" / "clip"
+    shutil.copytree(run_copy / "clip", elsewhere)
+    fingerprint = load_clip(CLIPConfig(source="trained"), run_copy).fingerprint()
+    provenance = Provenance(
+        tokenizer_fingerprint(run_copy / "tokenizer"),
+        fingerprint,
+        "text",
+        clip=CLIPConfig(source="trained", checkpoint=str(elsewhere)),
+    )
+    save_random_generator(run_copy, provenance)
+    shutil.rmtree(run_copy / "clip")
+    pipeline = Pipeline.from_run_dir(run_copy)
+    assert pipeline.clip.fingerprint() == fingerprint
+    assert load_generator(run_copy / "generator").provenance == provenance
 
 
 # ---------------------------------------------------------------------------------------------
