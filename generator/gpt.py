@@ -34,6 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"dim": 64, "num_layers": 2, "num_heads": 4},
     "small": {"dim": 384, "num_layers": 8, "num_heads": 6},
     "base": {"dim": 768, "num_layers": 12, "num_heads": 12},
+    "large": {"dim": 1024, "num_layers": 24, "num_heads": 16},
 }
 
 
@@ -95,7 +96,7 @@ class GPTConfig:
         clip_dim: int,
         **overrides: Any,
     ) -> GPTConfig:
-        """A named size (`tiny`, `small`, `base`); keyword arguments override any field."""
+        """A named size (`tiny`, `small`, `base`, `large`); keyword arguments override any field."""
         if name not in PRESETS:
             raise ValueError(f"Unknown generator preset {name!r}; choose one of {sorted(PRESETS)}.")
         fields = {**PRESETS[name], **overrides}

@@ -17,10 +17,12 @@ import torchvision
 from lightning.pytorch.callbacks import Callback
 
 from generator.data import EncodedDataset
+from generator.gpt import GPT
 from generator.module import GeneratorModule
 from generator.sampling import generate
 from tokenizer.evaluation import to_unit_range
 from tokenizer.io import atomic_write, atomic_write_text
+from tokenizer.training import whole_module
 from tokenizer.vqgan import VQGAN
 
 
@@ -68,10 +70,13 @@ class SampleGrid(Callback):
 
     def save(self, trainer: L.Trainer, module: GeneratorModule) -> Path | None:
         step = trainer.global_step
-        if not trainer.is_global_zero or step == self.last_step:
+        if step == self.last_step:
             return None
         self.last_step = step
-        grid = self.grid(module)
+        whole = whole_module(trainer, module)  # every rank takes part under FSDP
+        if not trainer.is_global_zero:
+            return None
+        grid = self.grid(whole.exported_model.to(module.device))
         path = self.directory / f"samples_step{step:07d}.png"
         atomic_write(path, lambda tmp: torchvision.utils.save_image(grid, tmp, format="png"))
         prompts = self.directory / "prompts.txt"
@@ -83,12 +88,12 @@ class SampleGrid(Callback):
         return path
 
     @torch.inference_mode()
-    def grid(self, module: GeneratorModule) -> torch.Tensor:
+    def grid(self, model: GPT) -> torch.Tensor:
         """(3, H', W') in [0, 1]: one column per prompt, one row per draw."""
+        device = next(model.parameters()).device
         if self.tokenizer is None:
-            self.tokenizer = VQGAN.from_pretrained(self.tokenizer_dir, device=module.device)
-        model = module.exported_model
-        embeddings = self.prompts.embeddings.to(module.device).repeat(self.per_prompt, 1)
+            self.tokenizer = VQGAN.from_pretrained(self.tokenizer_dir, device=device)
+        embeddings = self.prompts.embeddings.to(device).repeat(self.per_prompt, 1)
         codes = generate(model, embeddings, cfg_scale=self.cfg_scale, seed=self.seed)
         images = self.tokenizer.decode(codes.view(-1, *model.config.grid_size))
         return torchvision.utils.make_grid(to_unit_range(images), nrow=len(self.prompts.captions))

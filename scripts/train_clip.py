@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> None:
         checkpoint_every_n_steps=cfg.checkpoint_every_n_steps,
     )
     data = CaptionDataModule(data_config, canonical_fraction=cfg.canonical_captions)
-    fit_and_checkpoint(trainer, module, data, run_dir, stage="clip")
+    module = fit_and_checkpoint(trainer, module, data, run_dir, stage="clip")
     if not trainer.is_global_zero:
         return
     exported = save_trained_clip(module.model, module.clip_config, run_dir / "clip")

@@ -79,7 +79,7 @@ def main(cfg: DictConfig) -> None:
         callbacks=sample_grid(cfg, run_dir, manifest),
     )
     data = EncodedDataModule(run_dir, cfg.data.batch_size, cfg.data.num_workers)
-    fit_and_checkpoint(trainer, module, data, run_dir, stage="generator")
+    module = fit_and_checkpoint(trainer, module, data, run_dir, stage="generator")
     if trainer.is_global_zero:
         exported = save_generator(module.exported_model, provenance, run_dir / "generator")
         print(f"Generator written to {exported}")

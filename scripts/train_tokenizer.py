@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> None:
         stage="tokenizer",
         checkpoint_every_n_steps=cfg.checkpoint_every_n_steps,
     )
-    fit_and_checkpoint(trainer, module, data, run_dir, stage="tokenizer")
+    module = fit_and_checkpoint(trainer, module, data, run_dir, stage="tokenizer")
     if trainer.is_global_zero:
         exported = module.vqgan.save_pretrained(run_dir / "tokenizer")
         print(f"Tokenizer written to {exported}")

@@ -5,8 +5,8 @@
 
 Every index fetched from a MODULE:DATASET instance is recorded (run with data.num_workers=0,
 so fetches happen in the rank's own process). After the script's fit, each rank saves
-DIR/rank<R>.pt: {"indices": [...], "state": the trained module's state_dict}. Nothing here is
-part of the project's code.
+DIR/rank<R>.pt: {"indices": [...], "state": the trained module's state_dict, None on FSDP's
+other ranks}. CPUFSDPStrategy runs FSDP on CPU. Nothing here is part of the project's code.
 """
 
 import importlib
@@ -15,8 +15,24 @@ import sys
 from pathlib import Path
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 import tokenizer.training
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """FSDP over CPU processes (gloo). Lightning refuses its own FSDPStrategy without a GPU and
+    wraps the model with the GPU's index as the device; the sharding, the collectives and the
+    checkpoints are the same on CPU, where torch's FSDP needs the device named."""
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return FullyShardedDataParallel(
+            module=model,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
 
 
 def record_fetches(target: str) -> list[int]:
@@ -36,11 +52,14 @@ def record_fetches(target: str) -> list[int]:
 def save_after_fit(directory: Path, fetched: list[int]) -> None:
     fit_and_checkpoint = tokenizer.training.fit_and_checkpoint
 
-    def fit_and_save(trainer, module, *args, **kwargs) -> None:
-        fit_and_checkpoint(trainer, module, *args, **kwargs)
-        state = {name: value.detach().cpu() for name, value in module.state_dict().items()}
+    def fit_and_save(trainer, module, *args, **kwargs):
+        trained = fit_and_checkpoint(trainer, module, *args, **kwargs)
+        state = None  # FSDP's other ranks: the whole weights went to rank zero
+        if trained is not None:
+            state = {name: value.detach().cpu() for name, value in trained.state_dict().items()}
         record = {"indices": fetched, "state": state}
         torch.save(record, directory / f"rank{trainer.global_rank}.pt")
+        return trained
 
     tokenizer.training.fit_and_checkpoint = fit_and_save
 

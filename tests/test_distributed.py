@@ -17,6 +17,8 @@ import torch.multiprocessing as mp
 from conftest import make_encoded_run
 from test_train_tokenizer import ROOT, TINY
 
+from generator.export import load_generator
+from generator.gpt import GPT
 from tokenizer.quantizer import QuantizerConfig, VectorQuantizer
 
 pytestmark = pytest.mark.slow
@@ -73,7 +75,9 @@ def test_quantizer_replicas_share_ema_statistics_and_restarts(tmp_path):
         torch.testing.assert_close(ranks[0]["ema_only"][name], value, msg=f"{name} differs")
 
 
-def torchrun(tmp_path: Path, dataset: str, script: str, *overrides: str) -> str:
+def torchrun(
+    tmp_path: Path, dataset: str, script: str, *overrides: str, trainer: str = "ddp"
+) -> str:
     """Run a script on two CPU processes; returns the output of both ranks."""
     command = [
         sys.executable,
@@ -85,7 +89,7 @@ def torchrun(tmp_path: Path, dataset: str, script: str, *overrides: str) -> str:
         str(tmp_path),
         dataset,
         str(ROOT / "scripts" / script),
-        "trainer=ddp",
+        f"trainer={trainer}",
         "trainer.accelerator=cpu",
         f"trainer.devices={WORLD_SIZE}",
         "trainer.precision=32-true",
@@ -195,3 +199,34 @@ def test_generator_trains_on_two_processes(tmp_path):
     )
     check_ranks(tmp_path, num_samples=16)
     assert output.count("Generator written to") == 1
+
+
+def test_generator_trains_sharded_and_exports_whole_weights(tmp_path):
+    """FSDP: each rank holds a shard of every weight; the export holds them whole."""
+    run_dir = make_encoded_run(tmp_path / "run", num_train=16)
+    output = torchrun(
+        tmp_path,
+        "generator.data:EncodedDataset",
+        "train_generator.py",
+        f"run_dir={run_dir}",
+        "generator=tiny",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "samples.every_n_steps=1",
+        "ema_decay=0.9",
+        "trainer.max_steps=2",
+        NO_VALIDATION,
+        "trainer.strategy._target_=distributed_launcher.CPUFSDPStrategy",
+        trainer="fsdp",
+    )
+    assert output.count("Generator written to") == 1
+    assert torch.load(tmp_path / "rank1.pt")["state"] is None  # rank 1 held shards only
+    exported = load_generator(run_dir / "generator").model.state_dict()
+    checkpoint = torch.load(run_dir / "checkpoints" / "generator" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2
+    whole = GPT(load_generator(run_dir / "generator").model.config).state_dict()
+    for name, value in exported.items():
+        assert value.shape == whole[name].shape, f"{name} was exported as a shard"
+        assert torch.equal(value, checkpoint["state_dict"][f"ema.model.{name}"]), name
+    grids = sorted((run_dir / "logs" / "generator" / "samples").glob("samples_step*.png"))
+    assert [path.name for path in grids] == ["samples_step0000001.png", "samples_step0000002.png"]

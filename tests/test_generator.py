@@ -283,7 +283,7 @@ def test_resume_follows_an_ema_switch_and_refuses_other_shards():
 # Configs and the entry point
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "base"])
+@pytest.mark.parametrize("name", ["tiny", "small", "base", "large"])
 def test_generator_configs_are_the_presets_and_never_type_the_sizes(name):
     config = OmegaConf.load(ROOT / "conf" / "generator" / f"{name}.yaml")
     assert not {"vocab_size", "grid_size", "clip_dim"} & set(config)

@@ -66,12 +66,12 @@ def test_unknown_preset_names_the_choices():
 
 def test_presets_grow_in_size():
     counts = []
-    for name in ("tiny", "small", "base"):
+    for name in ("tiny", "small", "base", "large"):
         config = GPTConfig.preset(name, vocab_size=1024, grid_size=(16, 16), clip_dim=512)
         with torch.device("meta"):  # counts parameters without allocating them
             counts.append(GPT(config).num_parameters())
-    assert counts == sorted(counts) and len(set(counts)) == 3
-    assert set(PRESETS) == {"tiny", "small", "base"}
+    assert counts == sorted(counts) and len(set(counts)) == 4
+    assert set(PRESETS) == {"tiny", "small", "base", "large"}
 
 
 def test_num_parameters_counts_every_tensor(model):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from tokenizer.io import checked_config
 
@@ -82,16 +83,22 @@ def schedule_length(max_steps: int) -> int:
 
 class ClipsGradientNorm:
     """LightningModule mixin: clip the gradient norm to `self.optim_config.grad_clip` (0 = off)
-    whenever Lightning steps an optimizer, so the trainer config need not repeat it."""
+    whenever Lightning steps an optimizer, so the trainer config need not repeat it.
+
+    Under FSDP each rank holds a shard of the gradient: the root FSDP module's own clip takes
+    the norm over all shards (Lightning's norm clipping refuses FSDP)."""
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        if self.optim_config.grad_clip > 0:
+        max_norm = self.optim_config.grad_clip
+        if max_norm <= 0:
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.model.clip_grad_norm_(max_norm)
+        else:
             self.clip_gradients(
-                optimizer,
-                gradient_clip_val=self.optim_config.grad_clip,
-                gradient_clip_algorithm="norm",
+                optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm"
             )
 
 

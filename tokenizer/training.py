@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback as TrainerCallback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from tokenizer.io import WriteError, atomic_write_bytes, check_writable, remove_temporaries
@@ -150,9 +151,10 @@ def fit_and_checkpoint(
     datamodule: L.LightningDataModule,
     run_dir,
     stage: str,
-) -> None:
+) -> L.LightningModule:
     """Fit, resuming from RUN/checkpoints/<stage>/last.ckpt where one exists, and leave a
     last.ckpt of the final step behind, so a rerun of a finished run has nothing to redo.
+    Returns the trained module with whole tensors for rank zero to export (`whole_module`).
 
     Temporary files a killed run left in RUN/checkpoints/<stage> and RUN/<stage> are removed
     first: they are never read."""
@@ -175,3 +177,21 @@ def fit_and_checkpoint(
         ) from None
     final = checkpoint_dir(run_dir, stage) / "last.ckpt"
     trainer.save_checkpoint(final, weights_only=False)  # full state: optimisers too
+    return whole_module(trainer, module)
+
+
+def whole_module(trainer: L.Trainer, module: L.LightningModule) -> L.LightningModule | None:
+    """The module with whole tensors, for rank zero to export or sample from.
+
+    Under FSDP each rank holds only a shard of every parameter: gathering them is a collective
+    that every rank must enter, so all ranks call this; rank zero gets a CPU copy of the module
+    with the whole tensors, the other ranks None. Other strategies keep whole replicas and
+    return the module itself."""
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return module
+    state = trainer.strategy.lightning_module_state_dict()  # whole on rank zero only
+    if not trainer.is_global_zero:
+        return None
+    whole = type(module)(**module.hparams)
+    whole.load_state_dict(state)
+    return whole
