@@ -10,7 +10,8 @@ Text to image, sampled with classifier-free guidance and without (cfg_scale = 1)
   seen in training (`seen`), one object of a held-out pair (`held_out`), two objects.
 Variations of test-split images (on shapes, those of one object):
 - consistency, on shapes: the fraction of variations whose shape and colour, read by the
-  checker, are those of their source;
+  checker, are those of their source; over all sources, and apart for sources of a seen and of
+  a held-out colour-shape pair (a generator draws held-out pairs far less often);
 - diversity: the mean L1 distance (pixels in [0, 1]) between two variations of one source, so
   copies score 0; and the mean CLIP cosine between each variation and its source.
 """
@@ -21,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from itertools import permutations
+from statistics import mean
 from typing import NamedTuple
 
 import torch
@@ -30,7 +32,7 @@ from generator.clip import CLIPEncoder
 from generator.pipeline import Pipeline, sampling_arguments
 from tokenizer import shapes
 from tokenizer.data import Sample, ShapesDataset
-from tokenizer.evaluation import FeatureExtractor
+from tokenizer.evaluation import FeatureExtractor, pair_group
 from tokenizer.shapes import Query, Scene, canonical_caption, is_held_out, parse_caption
 
 SHAPES_GROUPS = ("seen", "held_out", "two_object")
@@ -98,6 +100,7 @@ class VariationScores:
     variations_per_source: int
     keep_rows: int
     consistency: float | None  # shapes only
+    consistency_by_source: dict[str, float] | None  # shapes only: "seen" / "held_out" sources
     diversity: float
     clip_similarity: float  # mean cosine between each variation and its source
 
@@ -288,15 +291,19 @@ def evaluate_variations(
     per_source = config.variations_per_source
     options = sampling_arguments(asdict(config))
     varied = pipeline.variations(sources, per_source, keep_rows=config.keep_rows, **options)
-    consistency = None
+    consistency = by_source = None
     if use_checker:
-        wanted = [shape_and_color(scene) for scene in shapes.check_batch(varied.sources * 2 - 1)]
+        source_scenes = shapes.check_batch(varied.sources * 2 - 1)
+        wanted = [shape_and_color(scene) for scene in source_scenes]
         found = [shape_and_color(scene) for scene in shapes.check_batch(varied.images * 2 - 1)]
-        kept = [
-            have == wanted[source]
-            for have, source in zip(found, varied.source_index.tolist(), strict=True)
-        ]
+        sources = varied.source_index.tolist()
+        kept = [have == wanted[source] for have, source in zip(found, sources, strict=True)]
         consistency = sum(kept) / len(kept)
+        groups = [pair_group(source_scenes[source]) for source in sources]
+        by_source = {
+            group: mean([k for k, g in zip(kept, groups, strict=True) if g == group])
+            for group in sorted(set(groups), reverse=True)
+        }
     clip = pipeline.clip
     source_embeddings = clip.encode_image(varied.sources.to(clip.device) * 2 - 1)
     variation_embeddings = clip.encode_image(varied.images.to(clip.device) * 2 - 1)
@@ -306,6 +313,7 @@ def evaluate_variations(
         variations_per_source=per_source,
         keep_rows=config.keep_rows,
         consistency=consistency,
+        consistency_by_source=by_source,
         diversity=mean_pairwise_l1(varied.images, per_source),
         clip_similarity=similarity.sum(dim=-1).mean().item(),
     )

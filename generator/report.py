@@ -100,12 +100,20 @@ def _lookup(results: dict[str, Any], path: str) -> Any:
 
 HEADLINES = {  # name -> where in eval.json
     "checker on reconstructions / originals": "tokenizer.checker_ratio",
+    "checker on reconstructions / originals, seen pairs": "tokenizer.checker_ratio_by_pair.seen",
+    "checker on reconstructions / originals, held-out pairs": (
+        "tokenizer.checker_ratio_by_pair.held_out"
+    ),
     "CLIP image->caption top-1 (seen)": "clip_retrieval.seen.image_to_text_top1",
     "CLIP image->caption top-1 (held-out)": "clip_retrieval.held_out.image_to_text_top1",
     "caption accuracy, one object, CFG": "generator.with_cfg.caption_accuracy.seen.accuracy",
     "caption accuracy, held-out pairs, CFG": "generator.with_cfg.caption_accuracy.held_out.accuracy",
     "caption accuracy, two objects, CFG": "generator.with_cfg.caption_accuracy.two_object.accuracy",
     "variation consistency": "generator.variations.consistency",
+    "variation consistency, seen-pair sources": "generator.variations.consistency_by_source.seen",
+    "variation consistency, held-out sources": (
+        "generator.variations.consistency_by_source.held_out"
+    ),
 }
 
 

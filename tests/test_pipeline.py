@@ -1,5 +1,6 @@
 """The pipeline over a whole run directory: loading, text to image, variations, the scripts."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from generator.evaluation import (
     GenerationEvalConfig,
     attribute_right,
     evaluate_generator,
+    evaluate_variations,
     mean_pairwise_l1,
     shapes_prompts,
     shapes_sources,
@@ -30,7 +32,7 @@ from generator.export import Provenance, RunMismatchError, load_generator, save_
 from generator.gpt import GPT, GPTConfig
 from generator.pipeline import Generated, Pipeline, Variations, clean_prompt, resolve_device
 from generator.shards import tokenizer_fingerprint
-from tokenizer import VQGAN
+from tokenizer import VQGAN, shapes
 from tokenizer.data import DataConfig, build_dataset
 from tokenizer.shapes import Scene, ShapeObject, parse_caption
 
@@ -349,6 +351,36 @@ def test_evaluation_scores_right_images_as_right(pipeline):
             assert accuracy.accuracy == accuracy.shape == accuracy.position == 1.0
     assert metrics.variations.consistency == 1.0 and metrics.variations.diversity == 0.0
     assert metrics.variations.clip_similarity == pytest.approx(1.0, abs=1e-5)
+
+
+def drawn(obj: ShapeObject) -> torch.Tensor:
+    """(3, 32, 32) in [-1, 1]: one object on white."""
+    image = shapes.draw(Scene((obj,), "white"), 32)
+    return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
+
+
+class ShapeSwappingPipeline(OraclePipeline):
+    """Copies each source, except that a held-out pair comes back as a square of its colour."""
+
+    def variations(self, sources, num_images, **options) -> Variations:
+        varied = super().variations(sources, num_images, **options)
+        images = varied.images.clone()
+        for i, scene in enumerate(shapes.check_batch(varied.images * 2 - 1)):
+            if shapes.is_held_out(scene):
+                square = dataclasses.replace(scene.objects[0], shape="square")
+                images[i] = (drawn(square) + 1) / 2
+        return varied._replace(images=images)
+
+
+def test_variation_consistency_is_split_by_the_source_pair(pipeline):
+    seen = ShapeObject("circle", "red", "large", "center")
+    held_out = ShapeObject("triangle", "green", "large", "center")
+    assert shapes.is_held_out(Scene((held_out,), "white"))
+    sources = torch.stack([drawn(seen), drawn(held_out), drawn(seen)])
+    config = GenerationEvalConfig(variations_per_source=2)
+    scores = evaluate_variations(ShapeSwappingPipeline(pipeline.clip, {}), sources, config, True)
+    assert scores.consistency_by_source == {"seen": 1.0, "held_out": 0.0}
+    assert scores.consistency == pytest.approx(4 / 6)
 
 
 def test_diversity_is_zero_for_copies_and_the_mean_l1_otherwise():

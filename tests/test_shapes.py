@@ -18,6 +18,7 @@ from tokenizer.shapes import (
     canonical_caption,
     check,
     degrade,
+    draw,
     generate,
     is_held_out,
     matches,
@@ -167,3 +168,8 @@ def test_small_shapes_span_more_than_one_code():
         rows, cols = np.nonzero(painted)
         smallest = min(smallest, rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
     assert smallest >= 32 / 5  # a fifth of the side: two codes at f4 on 32 px
+
+
+def test_draw_shows_the_scene_it_is_given():
+    for scene in attribute_combinations()[::5]:  # every attribute value, both backgrounds
+        assert check(draw(scene, 32)) == scene

@@ -145,6 +145,7 @@ def test_evaluate_prints_json_with_the_documented_keys(trained_run):
         "checker_accuracy_originals",
         "checker_accuracy_reconstructions",
         "checker_ratio",
+        "checker_ratio_by_pair",
     }
     assert tokenizer["num_images"] == 16 and tokenizer["num_codes_counted"] == 16 * 64
     assert 0 < tokenizer["usage"] <= 1 and tokenizer["checker_accuracy_originals"] == 1.0

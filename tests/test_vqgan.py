@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from tokenizer import VQGAN, QuantizerConfig, VQGANConfig
+from tokenizer import VQGAN, QuantizerConfig, VQGANConfig, shapes
 from tokenizer.data import Sample
 from tokenizer.evaluation import FeatureExtractor, evaluate_tokenizer
 
@@ -108,3 +108,36 @@ def test_evaluation_gives_a_frechet_distance_from_two_images_on(num_images):
     )
     assert metrics.num_images == num_images
     assert (metrics.frechet_distance is None) == (num_images == 1)
+
+
+class LosesHeldOutPairs(torch.nn.Module):
+    """A stand-in tokenizer that gives each image back, except that images of a held-out
+    colour-shape pair come back blank."""
+
+    num_codes = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.images = images
+        return torch.zeros(images.shape[0], 2, 2, dtype=torch.long)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        held_out = [shapes.is_held_out(scene) for scene in shapes.check_batch(self.images)]
+        return torch.where(torch.tensor(held_out).view(-1, 1, 1, 1), 1.0, self.images)
+
+
+def test_checker_ratio_is_split_by_colour_shape_pair():
+    scenes = [
+        shapes.Scene((shapes.ShapeObject("circle", "red", "large", "center"),), "white"),
+        shapes.Scene((shapes.ShapeObject("triangle", "green", "small", "top left"),), "black"),
+    ]
+    images = torch.stack([torch.from_numpy(shapes.draw(scene, 32)) for scene in scenes])
+    images = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    batches = [Sample(images, [shapes.canonical_caption(scene) for scene in scenes])]
+    metrics = evaluate_tokenizer(LosesHeldOutPairs(), batches, max_images=2, use_checker=True)
+    assert metrics.checker_accuracy_originals == 1.0
+    assert metrics.checker_ratio == 0.5
+    assert metrics.checker_ratio_by_pair == {"seen": 1.0, "held_out": 0.0}

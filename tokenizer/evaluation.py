@@ -4,11 +4,14 @@ PSNR and SSIM (torchmetrics), LPIPS where its weights exist, codebook usage and
 perplexity over every code of the evaluation set, an optional Fréchet distance in a
 feature space the caller provides (CLIP image features work offline), and on the shapes
 benchmark the attribute checker's accuracy on reconstructions beside its accuracy on the
-originals (PSNR misleads there: most pixels are flat background).
+originals (PSNR misleads there: most pixels are flat background), over all images and apart
+for images of a seen and of a held-out colour-shape pair: a tokenizer trained on the training
+split has never seen the held-out pairs either.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -41,6 +44,7 @@ class TokenizerMetrics:
     checker_accuracy_originals: float | None  # shapes only
     checker_accuracy_reconstructions: float | None
     checker_ratio: float | None  # reconstructions / originals
+    checker_ratio_by_pair: dict[str, float] | None  # "seen" / "held_out" colour-shape pairs
 
 
 class FeatureExtractor(torch.nn.Module):
@@ -81,7 +85,8 @@ def evaluate_tokenizer(
     frechet = None
     if frechet_features is not None:
         frechet = FrechetInceptionDistance(feature=frechet_features, normalize=True).to(device)
-    all_codes, right_originals, right_reconstructions, seen = [], 0, 0, 0
+    all_codes, seen = [], 0
+    right_originals, right_reconstructions = Counter(), Counter()  # by pair group
     for batch in batches:
         images = batch.image[: max_images - seen].to(device)
         codes = vqgan.encode(images)
@@ -96,8 +101,12 @@ def evaluate_tokenizer(
             frechet.update(decoded, real=False)
         if use_checker:
             captions = batch.caption[: images.shape[0]]
-            right_originals += sum(map(shapes.matches, images.cpu(), captions))
-            right_reconstructions += sum(map(shapes.matches, reconstructions.cpu(), captions))
+            groups = [pair_group(scene) for scene in shapes.check_batch(images.cpu())]
+            for group, original, reconstruction, caption in zip(
+                groups, images.cpu(), reconstructions.cpu(), captions, strict=True
+            ):
+                right_originals[group] += shapes.matches(original, caption)
+                right_reconstructions[group] += shapes.matches(reconstruction, caption)
         all_codes.append(codes.flatten().cpu())
         seen += images.shape[0]
         if seen >= max_images:
@@ -105,8 +114,15 @@ def evaluate_tokenizer(
     if seen == 0:
         raise ValueError("the evaluation split yielded no images; check the data config.")
     stats = codebook_stats(torch.cat(all_codes), vqgan.num_codes)
-    accuracy_originals = right_originals / seen if use_checker else None
-    accuracy_reconstructions = right_reconstructions / seen if use_checker else None
+    accuracy_originals = right_originals.total() / seen if use_checker else None
+    accuracy_reconstructions = right_reconstructions.total() / seen if use_checker else None
+    by_pair = None
+    if use_checker:
+        by_pair = {
+            group: right_reconstructions[group] / right_originals[group]
+            for group in sorted(right_originals, reverse=True)
+            if right_originals[group]
+        }
     return TokenizerMetrics(
         num_images=seen,
         psnr=psnr.compute().item(),
@@ -121,4 +137,11 @@ def evaluate_tokenizer(
         checker_ratio=(
             accuracy_reconstructions / accuracy_originals if accuracy_originals else None
         ),
+        checker_ratio_by_pair=by_pair,
     )
+
+
+def pair_group(scene: shapes.Scene) -> str:
+    """A scene's group: "held_out" where it shows a colour-shape pair the training split never
+    shows, else "seen"."""
+    return "held_out" if shapes.is_held_out(scene) else "seen"

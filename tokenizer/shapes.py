@@ -209,6 +209,21 @@ def _coordinate(rng: np.random.Generator, cell: int, side: float) -> float:
     return float(rng.uniform(low, high))
 
 
+def draw(scene: Scene, image_size: int) -> np.ndarray:
+    """A scene drawn without randomness, (H, W, 3) uint8: each object at its nominal side, as
+    near its grid cell's centre as the image's margins allow."""
+    placements = []
+    for obj in scene.objects:
+        side = SIZES[obj.size]
+        row, col = _row_col(obj.position)
+        centre = [
+            np.clip((cell + 0.5) / 3, side / 2 + MARGIN, 1 - side / 2 - MARGIN)
+            for cell in (col, row)
+        ]
+        placements.append(Placement(obj, float(centre[0]), float(centre[1]), side))
+    return render(placements, scene.background, image_size)
+
+
 def _place(rng: np.random.Generator, obj: ShapeObject) -> Placement:
     side = SIZES[obj.size] * float(rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER))
     row, col = _row_col(obj.position)
