@@ -9,7 +9,10 @@ so that exactly one candidate is right; two-object images have no candidate and 
 - caption -> image: each combination that some test image shows ranks all those one-object
   test images; top-k is a hit when one of the k best images shows that combination.
 Scores are reported separately for seen combinations and for held-out ones (a colour-shape
-pair the training split never shows, `shapes.is_held_out`).
+pair the training split never shows, `shapes.is_held_out`). Ranking all 648 captions is the
+generalised zero-shot count, where a held-out image competes with the seen captions its model
+was trained on; `held_out_among_held_out` is the conventional zero-shot count: image -> caption
+top-1 of held-out images among the held-out combinations' captions only.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class RetrievalScores:
 class ShapesRetrieval:
     seen: RetrievalScores  # test images of combinations the training split shows
     held_out: RetrievalScores  # test images of held-out colour-shape pairs
+    held_out_among_held_out: float  # their top-1 among held-out combinations' captions only
 
 
 class InBatchAccuracy(NamedTuple):
@@ -139,7 +143,13 @@ def shapes_retrieval(
             {k: hits[texts] for k, hits in text_hits.items()},
         )
 
-    return ShapesRetrieval(seen=group(False), held_out=group(True))
+    held_out_images = similarity[test.held_out][:, combination_held_out]  # (H, K_held_out)
+    held_out_relevant = relevant[test.held_out][:, combination_held_out]
+    return ShapesRetrieval(
+        seen=group(False),
+        held_out=group(True),
+        held_out_among_held_out=_mean(top_k_hits(held_out_images, held_out_relevant, 1)),
+    )
 
 
 @torch.no_grad()

@@ -106,6 +106,9 @@ HEADLINES = {  # name -> where in eval.json
     ),
     "CLIP image->caption top-1 (seen)": "clip_retrieval.seen.image_to_text_top1",
     "CLIP image->caption top-1 (held-out)": "clip_retrieval.held_out.image_to_text_top1",
+    "CLIP image->caption top-1 (held-out, among held-out captions)": (
+        "clip_retrieval.held_out_among_held_out"
+    ),
     "caption accuracy, one object, CFG": "generator.with_cfg.caption_accuracy.seen.accuracy",
     "caption accuracy, held-out pairs, CFG": "generator.with_cfg.caption_accuracy.held_out.accuracy",
     "caption accuracy, two objects, CFG": "generator.with_cfg.caption_accuracy.two_object.accuracy",

@@ -96,7 +96,8 @@ def clip_headline(run_dir: Path, stdout: str) -> str:
         return f"val image->caption top-1 {_percent(_last_logged(run_dir, 'clip', 'val/image_to_text_top1'))}"
     return (
         f"image->caption top-1 {_percent(retrieval['seen']['image_to_text_top1'])} on seen, "
-        f"{_percent(retrieval['held_out']['image_to_text_top1'])} on held-out combinations"
+        f"{_percent(retrieval['held_out']['image_to_text_top1'])} on held-out combinations "
+        f"({_percent(retrieval.get('held_out_among_held_out'))} among held-out captions only)"
     )
 
 

@@ -1,6 +1,7 @@
 """CLIP through open_clip: three sources, one interface; training, export and retrieval."""
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,7 +27,15 @@ from generator.clip import (
 from generator.clip_data import CaptionDataModule, CaptionedImage, DistinctCaptions
 from generator.clip_eval import in_batch_retrieval, shapes_retrieval
 from tokenizer.data import DataConfig, Sample, build_dataset
-from tokenizer.shapes import Scene, ShapeObject, attribute_combinations, canonical_caption, check
+from tokenizer.shapes import (
+    SHAPES,
+    Scene,
+    ShapeObject,
+    attribute_combinations,
+    canonical_caption,
+    check,
+    is_held_out,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARCH = "test-tiny-clip"  # an open_clip architecture registered by the fixture below
@@ -353,10 +362,35 @@ def test_shapes_retrieval_counts_one_object_test_images():
     one_object = sum(len(dataset.example(i).scene.objects) == 1 for i in range(300))
     assert scores.seen.num_images + scores.held_out.num_images == one_object
     assert scores.held_out.num_images > 0
+    assert scores.held_out_among_held_out >= scores.held_out.image_to_text_top1 >= 0.97
     for group in (scores.seen, scores.held_out):
         assert group.image_to_text_top1 >= 0.97 and group.text_to_image_top1 >= 0.97
         assert group.image_to_text_top5 >= group.image_to_text_top1
         assert 0 < group.num_texts <= group.num_images
+
+
+def test_conventional_zero_shot_ranks_only_the_held_out_captions():
+    class PrefersSeenPairs(CheckerCLIP):
+        """Reads a held-out pair as the seen pair of its colour with the next shape."""
+
+        def encode_image(self, images, batch_size: int = 256) -> torch.Tensor:
+            right = super().encode_image(images)
+            scenes = [check(image) for image in images]
+            for row, scene in enumerate(scenes):
+                if is_held_out(scene):
+                    obj = scene.objects[0]
+                    shape = SHAPES[(SHAPES.index(obj.shape) + 1) % len(SHAPES)]
+                    seen = dataclasses.replace(
+                        scene, objects=(dataclasses.replace(obj, shape=shape),)
+                    )
+                    right[row] = right[row] * 0.9 + self.one_hot([self.index[seen]])[0]
+            return right
+
+    dataset = build_dataset(DataConfig(num_test=400, image_size=32), "test")
+    scores = shapes_retrieval(PrefersSeenPairs(), dataset, max_images=300)
+    assert scores.held_out.image_to_text_top1 == 0.0
+    assert scores.held_out_among_held_out == 1.0
+    assert scores.seen.image_to_text_top1 == 1.0
 
 
 def test_in_batch_retrieval_counts_repeated_captions_as_hits():
