@@ -48,6 +48,7 @@ class GenerationEvalConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    rerank: int = 0  # candidates per image; the one CLIP finds closest to its prompt or source
     num_sources: int = 50  # source images for variations; 0 skips them
     variations_per_source: int = 4
     keep_rows: int = 0
@@ -60,6 +61,7 @@ class GenerationEvalConfig:
             "num_sources": (self.num_sources, 0),
             "variations_per_source": (self.variations_per_source, 2),
             "keep_rows": (self.keep_rows, 0),
+            "rerank": (self.rerank, 0),
         }
         for name, (value, minimum) in least.items():
             if value < minimum:
