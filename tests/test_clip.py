@@ -472,7 +472,7 @@ def test_training_lowers_the_loss_and_exports_the_trained_clip(trained_run):
     assert torch.equal(exported.encode_image(batch), trained.encode_image(batch))
     assert torch.equal(exported.encode_text(CAPTIONS), trained.encode_text(CAPTIONS))
     summary = json.loads(result.stdout.strip().splitlines()[-1])["clip_retrieval"]
-    assert set(summary) == {"seen", "held_out"}
+    assert set(summary) == {"seen", "held_out", "held_out_among_held_out"}
     assert summary["seen"]["num_images"] > 0
 
 

@@ -182,27 +182,8 @@ def test_clip_trains_on_two_processes(tmp_path):
     assert output.count("CLIP written to") == 1
 
 
-def test_generator_trains_on_two_processes(tmp_path):
-    run_dir = make_encoded_run(tmp_path / "run", num_train=16)
-    output = torchrun(
-        tmp_path,
-        "generator.data:EncodedDataset",
-        "train_generator.py",
-        f"run_dir={run_dir}",
-        "generator=tiny",
-        "data.batch_size=4",  # one epoch: 16 = 2 ranks x 2 steps x 4
-        "data.num_workers=0",
-        "samples.every_n_steps=0",
-        "ema_decay=0.9",
-        "trainer.max_steps=2",
-        NO_VALIDATION,
-    )
-    check_ranks(tmp_path, num_samples=16)
-    assert output.count("Generator written to") == 1
-
-
-def test_generator_trains_sharded_and_exports_whole_weights(tmp_path):
-    """FSDP: each rank holds a shard of every weight; the export holds them whole."""
+def train_tiny_generator(tmp_path: Path, *overrides: str, trainer: str = "ddp") -> tuple[Path, str]:
+    """The tiny generator for two steps on 16 encoded samples: one epoch, 2 ranks x 2 x 4."""
     run_dir = make_encoded_run(tmp_path / "run", num_train=16)
     output = torchrun(
         tmp_path,
@@ -212,10 +193,26 @@ def test_generator_trains_sharded_and_exports_whole_weights(tmp_path):
         "generator=tiny",
         "data.batch_size=4",
         "data.num_workers=0",
-        "samples.every_n_steps=1",
         "ema_decay=0.9",
         "trainer.max_steps=2",
         NO_VALIDATION,
+        *overrides,
+        trainer=trainer,
+    )
+    return run_dir, output
+
+
+def test_generator_trains_on_two_processes(tmp_path):
+    _, output = train_tiny_generator(tmp_path, "samples.every_n_steps=0")
+    check_ranks(tmp_path, num_samples=16)
+    assert output.count("Generator written to") == 1
+
+
+def test_generator_trains_sharded_and_exports_whole_weights(tmp_path):
+    """FSDP: each rank holds a shard of every weight; the export holds them whole."""
+    run_dir, output = train_tiny_generator(
+        tmp_path,
+        "samples.every_n_steps=1",
         "trainer.strategy._target_=distributed_launcher.CPUFSDPStrategy",
         trainer="fsdp",
     )
