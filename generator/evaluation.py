@@ -33,7 +33,7 @@ from generator.pipeline import Pipeline, sampling_arguments
 from tokenizer import shapes
 from tokenizer.data import Sample, ShapesDataset
 from tokenizer.evaluation import FeatureExtractor, pair_group
-from tokenizer.shapes import Query, Scene, canonical_caption, is_held_out, parse_caption
+from tokenizer.shapes import Query, Scene, canonical_caption, parse_caption
 
 SHAPES_GROUPS = ("seen", "held_out", "two_object")
 CAPTIONS_GROUP = "captions"  # any other dataset: its own captions
@@ -123,9 +123,7 @@ def shapes_prompts(dataset: ShapesDataset, num_prompts: int) -> EvalPrompts:
     found: dict[str, dict[str, torch.Tensor]] = {group: {} for group in SHAPES_GROUPS}
     for index in range(len(dataset)):
         scene = dataset.example(index).scene
-        group = "two_object" if len(scene.objects) == 2 else "seen"
-        if group == "seen" and is_held_out(scene):
-            group = "held_out"
+        group = "two_object" if len(scene.objects) == 2 else pair_group(scene)
         caption = canonical_caption(scene)
         if len(found[group]) < num_prompts and caption not in found[group]:
             found[group][caption] = dataset[index].image

@@ -97,7 +97,7 @@ def clip_headline(run_dir: Path, stdout: str) -> str:
     return (
         f"image->caption top-1 {_percent(retrieval['seen']['image_to_text_top1'])} on seen, "
         f"{_percent(retrieval['held_out']['image_to_text_top1'])} on held-out combinations "
-        f"({_percent(retrieval.get('held_out_among_held_out'))} among held-out captions only)"
+        f"({_percent(retrieval['held_out_among_held_out'])} among held-out captions only)"
     )
 
 

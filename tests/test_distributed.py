@@ -63,7 +63,7 @@ def train_quantizer_rank(rank: int, rendezvous: str, out: str) -> None:
 def test_quantizer_replicas_share_ema_statistics_and_restarts(tmp_path):
     rendezvous = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(train_quantizer_rank, args=(rendezvous, str(tmp_path)), nprocs=WORLD_SIZE)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
     for name, value in ranks[0]["restarting"].items():
         assert torch.equal(value, ranks[1]["restarting"][name]), f"{name} differs between ranks"
     assert ranks[0]["restarting"]["num_restarted"] > 0
@@ -103,7 +103,7 @@ def torchrun(
 
 def check_ranks(tmp_path: Path, num_samples: int) -> None:
     """Every sample fetched exactly once over both ranks, and identical trained replicas."""
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
     assert all(len(rank["indices"]) == num_samples // WORLD_SIZE for rank in ranks)
     assert sorted(ranks[0]["indices"] + ranks[1]["indices"]) == list(range(num_samples))
     assert ranks[0]["state"].keys() == ranks[1]["state"].keys()
@@ -129,7 +129,7 @@ def test_tokenizer_trains_on_two_processes(tmp_path):
     check_ranks(tmp_path, num_samples=64)
     assert output.count("Tokenizer written to") == 1
     assert output.count("2 device(s) x batch 8 x 1 accumulated = effective batch 16") == 1
-    state = torch.load(tmp_path / "rank0.pt")["state"]
+    state = torch.load(tmp_path / "rank0.pt", weights_only=True)["state"]
     assert state["vqgan.quantizer.num_restarted"] > 0
     assert (run_dir / "tokenizer" / "model.safetensors").is_file()
 
@@ -217,7 +217,8 @@ def test_generator_trains_sharded_and_exports_whole_weights(tmp_path):
         trainer="fsdp",
     )
     assert output.count("Generator written to") == 1
-    assert torch.load(tmp_path / "rank1.pt")["state"] is None  # rank 1 held shards only
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank1["state"] is None  # rank 1 held shards only
     exported = load_generator(run_dir / "generator").model.state_dict()
     checkpoint = torch.load(run_dir / "checkpoints" / "generator" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2

@@ -101,12 +101,14 @@ def evaluate_tokenizer(
             frechet.update(decoded, real=False)
         if use_checker:
             captions = batch.caption[: images.shape[0]]
-            groups = [pair_group(scene) for scene in shapes.check_batch(images.cpu())]
-            for group, original, reconstruction, caption in zip(
-                groups, images.cpu(), reconstructions.cpu(), captions, strict=True
+            originals_read = shapes.check_batch(images.cpu())
+            reconstructions_read = shapes.check_batch(reconstructions.cpu())
+            for original, reconstruction, caption in zip(
+                originals_read, reconstructions_read, captions, strict=True
             ):
-                right_originals[group] += shapes.matches(original, caption)
-                right_reconstructions[group] += shapes.matches(reconstruction, caption)
+                group = pair_group(original)
+                right_originals[group] += shapes.scene_matches(original, caption)
+                right_reconstructions[group] += shapes.scene_matches(reconstruction, caption)
         all_codes.append(codes.flatten().cpu())
         seen += images.shape[0]
         if seen >= max_images:

@@ -202,25 +202,27 @@ def _sample_object(rng: np.random.Generator, split: str) -> ShapeObject:
     return ShapeObject(shape, color, str(size), position)
 
 
-def _coordinate(rng: np.random.Generator, cell: int, side: float) -> float:
-    """A centre coordinate inside grid cell `cell` (0, 1, 2) that keeps the box in the image."""
+def _cell_span(cell: int, side: float) -> tuple[float, float]:
+    """The centre coordinates inside grid cell `cell` (0, 1, 2) that keep the box in the image."""
     low = max(cell / 3 + CELL_MARGIN, side / 2 + MARGIN)
     high = min((cell + 1) / 3 - CELL_MARGIN, 1 - side / 2 - MARGIN)
-    return float(rng.uniform(low, high))
+    return low, high
+
+
+def _coordinate(rng: np.random.Generator, cell: int, side: float) -> float:
+    """A random centre coordinate inside grid cell `cell`."""
+    return float(rng.uniform(*_cell_span(cell, side)))
 
 
 def draw(scene: Scene, image_size: int) -> np.ndarray:
-    """A scene drawn without randomness, (H, W, 3) uint8: each object at its nominal side, as
-    near its grid cell's centre as the image's margins allow."""
+    """A scene drawn without randomness, (H, W, 3) uint8: each object at its nominal side, in
+    the middle of the centres its grid cell allows."""
     placements = []
     for obj in scene.objects:
         side = SIZES[obj.size]
         row, col = _row_col(obj.position)
-        centre = [
-            np.clip((cell + 0.5) / 3, side / 2 + MARGIN, 1 - side / 2 - MARGIN)
-            for cell in (col, row)
-        ]
-        placements.append(Placement(obj, float(centre[0]), float(centre[1]), side))
+        cx, cy = (sum(_cell_span(cell, side)) / 2 for cell in (col, row))
+        placements.append(Placement(obj, cx, cy, side))
     return render(placements, scene.background, image_size)
 
 
