@@ -84,6 +84,19 @@ def test_hinge_loss_on_hand_made_logits():
     assert loss.hinge.item() == pytest.approx(0.75)
 
 
+def test_lecam_running_means_stay_fp32_under_bf16_autocast():
+    """The photo presets train with LeCam on; under bf16-mixed the discriminator's logits are
+    bf16, and the fp32 running means must still take them."""
+    criterion = VQGANLoss(loss_config(disc_start_step=0, lecam_weight=0.1, lecam_decay=0.5))
+    real = torch.rand(2, 3, 32, 32) * 2 - 1
+    fake = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = criterion.discriminator_loss(real, fake, step=0)
+    assert criterion.ema_logits_real.dtype == torch.float32
+    assert criterion.ema_logits_real.item() != 0.0  # the running mean moved toward the logits
+    assert torch.isfinite(loss.total) and loss.lecam.item() >= 0.0
+
+
 def write_fake_vgg_checkpoint(path) -> None:
     """A VGG16 state dict with random conv weights; the unused classifier costs no disk."""
     with torch.device("meta"):

@@ -194,9 +194,9 @@ class VQGANLoss(nn.Module):
         if self.config.lecam_weight == 0:
             return logits_real.new_zeros(())
         if self.training:
-            decay = self.config.lecam_decay
-            self.ema_logits_real.lerp_(logits_real.detach().mean(), 1 - decay)
-            self.ema_logits_fake.lerp_(logits_fake.detach().mean(), 1 - decay)
+            decay = self.config.lecam_decay  # the running means stay fp32 under bf16 autocast
+            self.ema_logits_real.lerp_(logits_real.detach().float().mean(), 1 - decay)
+            self.ema_logits_fake.lerp_(logits_fake.detach().float().mean(), 1 - decay)
         return (
             F.relu(logits_real - self.ema_logits_fake).pow(2).mean()
             + F.relu(self.ema_logits_real - logits_fake).pow(2).mean()
