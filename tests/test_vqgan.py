@@ -6,6 +6,7 @@ import torch
 from tokenizer import VQGAN, QuantizerConfig, VQGANConfig, shapes
 from tokenizer.data import Sample
 from tokenizer.evaluation import FeatureExtractor, evaluate_tokenizer
+from tokenizer.vqgan import AttentionBlock
 
 FACTOR_MULTIPLIERS = {4: (1, 2, 2), 8: (1, 1, 2, 2), 16: (1, 1, 2, 2, 2)}
 
@@ -34,6 +35,26 @@ def test_forward_matches_encode_then_decode_in_eval():
     codes = model.encode(images)
     assert torch.equal(out.codes, codes)
     torch.testing.assert_close(out.reconstructions.clamp(-1, 1), model.decode(codes))
+
+
+def test_attention_free_model_and_tokenizers_saved_before_the_option(tmp_path):
+    """`attention_resolutions=[]` with `middle_attention=False` is a fully convolutional VQGAN;
+    a tokenizer whose config.json predates `middle_attention` keeps its middle attention."""
+    without = VQGAN(VQGANConfig.tiny(attention_resolutions=(), middle_attention=False)).eval()
+    assert not any(isinstance(module, AttentionBlock) for module in without.modules())
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert without(images).reconstructions.shape == images.shape
+
+    torch.manual_seed(0)
+    older = VQGAN(VQGANConfig.tiny(attention_resolutions=())).eval()
+    older.save_pretrained(tmp_path / "tokenizer")
+    config_file = tmp_path / "tokenizer" / "config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["middle_attention"]
+    config_file.write_text(json.dumps(saved))
+    loaded = VQGAN.from_pretrained(tmp_path / "tokenizer")
+    assert loaded.config.middle_attention
+    assert torch.equal(loaded.encode(images), older.encode(images))
 
 
 def test_encode_is_batched_consistently():

@@ -35,6 +35,7 @@ class VQGANConfig:
     channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)  # one level per entry; f = 2^(levels-1)
     num_res_blocks: int = 2
     attention_resolutions: tuple[int, ...] = (8,)  # feature-map sides (pixels) that get attention
+    middle_attention: bool = True  # attention between the middle ResNet blocks, as in VQGAN
     latent_dim: int = 64
     dropout: float = 0.0
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
@@ -146,10 +147,10 @@ def level_blocks(
     return blocks
 
 
-def middle_blocks(channels: int, dropout: float) -> nn.Sequential:
+def middle_blocks(channels: int, dropout: float, attention: bool) -> nn.Sequential:
     return nn.Sequential(
         ResnetBlock(channels, channels, dropout),
-        AttentionBlock(channels),
+        AttentionBlock(channels) if attention else nn.Identity(),
         ResnetBlock(channels, channels, dropout),
     )
 
@@ -174,7 +175,7 @@ class Encoder(nn.Module):
             self.levels.append(level)
             in_width = width
             resolution = resolution if is_last else resolution // 2
-        self.middle = middle_blocks(widths[-1], config.dropout)
+        self.middle = middle_blocks(widths[-1], config.dropout, config.middle_attention)
         self.norm_out = group_norm(widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], config.latent_dim, 3, padding=1)
 
@@ -195,7 +196,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [config.base_channels * m for m in config.channel_multipliers]
         self.conv_in = nn.Conv2d(config.latent_dim, widths[-1], 3, padding=1)
-        self.middle = middle_blocks(widths[-1], config.dropout)
+        self.middle = middle_blocks(widths[-1], config.dropout, config.middle_attention)
         self.levels = nn.ModuleList()
         resolution, in_width = config.image_size // config.downsample_factor, widths[-1]
         for index, width in reversed(list(enumerate(widths))):
