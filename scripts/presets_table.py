@@ -1,6 +1,7 @@
 """Print the README's table of the real-size presets: sizes, memory per GPU, trainer config.
 
-    python scripts/presets_table.py
+    python scripts/presets_table.py            # computed, on any machine
+    python scripts/presets_table.py --measure  # and measured: a few real training steps on a GPU
 
 Nothing is trained or allocated: every model is built under torch's FakeTensorMode, which
 tracks shapes and dtypes without storage or compute, so the 300M generator costs seconds here.
@@ -24,35 +25,48 @@ Memory per GPU is for Lightning's `bf16-mixed` (fp32 weights, bf16 autocast) wit
 
 Not counted: transient buffers in backward (the largest is the fp32 gradient of the logits,
 batch x 256 x 16,384 x 4 B for a generator), the CUDA context and the allocator's cache.
+
+`--measure` checks the figures: each preset's own Lightning module trains MEASURED_STEPS steps
+on random data of the stated batch on one GPU (bf16-mixed, AdamW, the tokenizer with LPIPS and
+the GAN term on from the first step, where LPIPS's VGG weights are on disk), and the peak of
+torch.cuda.max_memory_allocated is printed beside states + activations.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import lightning as L
 import lpips
 import open_clip
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.data import DataLoader
 
 from generator.data import EncodedSample
 from generator.module import GeneratorModule
 from tokenizer import VQGAN, VQGANConfig
+from tokenizer.data import Sample
 from tokenizer.losses import VQGANLoss
+from tokenizer.module import TokenizerModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TOKENIZER = "photo_f16"
 CLIP_MODEL = "ViT-B-32"
 FSDP_GPUS = 8
 GiB = 2**30
+MEASURED_STEPS = 3
 
 
 class Preset(NamedTuple):
@@ -160,7 +174,8 @@ def tokenizer_footprint(preset: Preset) -> Footprint:
     )
 
 
-def generator_footprint(preset: Preset) -> Footprint:
+def generator_module(preset: Preset) -> GeneratorModule:
+    """The preset's GeneratorModule over photo_f16 codes and ViT-B/32 embeddings."""
     tokenizer = tokenizer_config()
     clip_dim = open_clip.get_model_config(CLIP_MODEL)["embed_dim"]
     # image conditioning: the same activations as text, without a data-dependent caption check
@@ -174,17 +189,27 @@ def generator_footprint(preset: Preset) -> Footprint:
     )
     optim = instantiate(cfg.optim, _convert_="all")
     condition = instantiate(cfg.condition, _convert_="all")
+    return GeneratorModule.from_configs(model_config, optim, condition)
+
+
+def generator_batch(module: GeneratorModule, batch_size: int) -> EncodedSample:
+    """Random codes and unit-norm embeddings of one training batch."""
+    config = module.model_config
+    embedding = F.normalize(torch.randn(batch_size, config.clip_dim), dim=-1)
+    return EncodedSample(
+        codes=torch.randint(config.vocab_size, (batch_size, config.num_codes)),
+        image_embedding=embedding,
+        text_embedding=embedding,
+        has_text=torch.ones(batch_size, dtype=torch.bool),
+        caption=[""] * batch_size,
+    )
+
+
+def generator_footprint(preset: Preset) -> Footprint:
     with FakeTensorMode():
-        module = GeneratorModule.from_configs(model_config, optim, condition)
-        batch_size, num_codes = preset.batch_size, model_config.num_codes
-        embedding = torch.zeros(batch_size, clip_dim)
-        batch = EncodedSample(
-            codes=torch.zeros(batch_size, num_codes, dtype=torch.long),
-            image_embedding=embedding,
-            text_embedding=embedding,
-            has_text=torch.ones(batch_size, dtype=torch.bool),
-            caption="",
-        )
+        module = generator_module(preset)
+        model_config = module.model_config
+        batch = generator_batch(module, preset.batch_size)
 
         def step() -> None:
             module.metrics(batch, training=True)
@@ -234,12 +259,63 @@ HEADER = (
 )
 
 
+def measured_peak(preset: Preset) -> float:
+    """Peak CUDA bytes allocated while the preset's module trains a few steps on one GPU."""
+    if preset.stage == "tokenizer":
+        from bench import random_images, tokenizer_spec  # the benchmark's stage-one step
+
+        cfg = compose_config("train_tokenizer", [f"tokenizer={preset.name}"])
+        spec = tokenizer_spec(cfg.tokenizer)
+        module = TokenizerModule.from_configs(spec.model, spec.loss, spec.optim)
+        images = random_images(preset.batch_size * MEASURED_STEPS, spec.model.image_size)
+        batches = DataLoader([Sample(image, "") for image in images], batch_size=preset.batch_size)
+    else:
+        module = generator_module(preset)
+        batches = [generator_batch(module, preset.batch_size) for _ in range(MEASURED_STEPS)]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=MEASURED_STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no loader workers, no validation: as intended
+        trainer.fit(module, train_dataloaders=batches)
+    return torch.cuda.max_memory_allocated()
+
+
+MEASURED_HEADER = (
+    "| preset | batch | computed states + activations GiB | measured peak GiB |\n"
+    "|---|---:|---:|---:|"
+)
+
+
 def main() -> None:
-    rows = [HEADER]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measure", action="store_true", help="train a few steps on a GPU too")
+    measure = parser.parse_args().measure
+    if measure and not torch.cuda.is_available():
+        sys.exit("--measure trains on a GPU and this machine has none: run it without --measure.")
+    rows, measured = [HEADER], [MEASURED_HEADER]
     for preset in PRESETS:
-        measure = tokenizer_footprint if preset.stage == "tokenizer" else generator_footprint
-        rows.append(table_row(preset, measure(preset)))
+        count = tokenizer_footprint if preset.stage == "tokenizer" else generator_footprint
+        footprint = count(preset)
+        rows.append(table_row(preset, footprint))
+        if measure:
+            computed = 16 * footprint.trained + 4 * footprint.frozen + footprint.activations
+            cells = [f"`{preset.stage}={preset.name}`", str(preset.batch_size)]
+            cells += [gib(computed), gib(measured_peak(preset))]
+            measured.append("| " + " | ".join(cells) + " |")
     print("\n".join(rows))
+    if measure:
+        print("\n" + "\n".join(measured))
 
 
 if __name__ == "__main__":

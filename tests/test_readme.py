@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,3 +68,14 @@ def test_the_readme_preset_table_is_what_the_script_prints():
     assert len(rows) == 5  # header, rule, tokenizer, two generators
     readme = (ROOT / "README.md").read_text().splitlines()
     assert [row for row in rows if row not in readme] == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_measured_preset_memory_needs_a_gpu_and_says_so():
+    script = ROOT / "scripts" / "presets_table.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--measure"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 1
+    assert "--measure trains on a GPU and this machine has none" in done.stderr
+    assert done.stdout == ""  # nothing computed before the refusal
