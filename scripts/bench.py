@@ -35,6 +35,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -172,6 +173,18 @@ def timed(run: Callable[[], Any], device: torch.device) -> float:
     run()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def progress(text: str) -> None:
+    """One line on stderr as each measurement ends, so a run stopped early keeps its figures."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def per_s(entry: dict[str, Any], unit: str) -> str:
+    """`entry`'s median rate, or why it was skipped."""
+    if "skipped" in entry:
+        return "skipped"
+    return f"{entry[f'{unit}_per_s']['median']:,.1f} {unit}/s"
 
 
 def cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -514,6 +527,12 @@ def tokenizer_section(
             **codec_section(spec, batch_size, settings, ceilings.fp32_gflops),
             "train_step": train_step_section(spec, batch_size, settings, ceilings),
         }
+        figures = results[name]
+        progress(
+            f"tokenizer {name}: encode {per_s(figures['encode_contiguous'], 'images')}, "
+            f"decode {per_s(figures['decode_contiguous'], 'images')}, "
+            f"training step {per_s(figures['train_step'], 'images')}"
+        )
     return results
 
 
@@ -579,6 +598,7 @@ def encode_section(
             "batch_size": batch_size,
             **report(measurement, batch_size, "images", measurement.flops, ceiling),
         }
+        progress(f"encode {name}: {per_s(results[name], 'images')}")
     return results
 
 
@@ -765,13 +785,16 @@ def sampling_section(
         bf16_model = copy.deepcopy(model).to(torch.bfloat16)
         sampler = Sampler(model, bf16_model, bf16_mode, cfg.naive_max_s)
         blocks, head = matmul_weights(model)
-        cases = {
-            f"b{batch}" + ("" if scale == 1.0 else "_cfg"): sampling_case(
-                sampler, batch, scale, settings, ceilings
-            )
-            for batch in batch_sizes
-            for scale in cfg.cfg_scales
-        }
+        cases = {}
+        for batch in batch_sizes:
+            for scale in cfg.cfg_scales:
+                case = f"b{batch}" + ("" if scale == 1.0 else "_cfg")
+                cases[case] = figures = sampling_case(sampler, batch, scale, settings, ceilings)
+                progress(
+                    f"sampling {name} {case}: cached {per_s(figures['cached'], 'tokens')}, "
+                    f"naive {per_s(figures['naive'], 'tokens')}, "
+                    f"cached bf16 {per_s(figures['cached_bf16'], 'tokens')}"
+                )
         results[name] = {
             "config": dataclasses.asdict(config),
             "params": model.num_parameters(),

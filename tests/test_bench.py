@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ("encode_contiguous", "encode_channels_last", "decode_contiguous", "decode_channels_last")
+SECTION_WORDS = ("tokenizer", "encode", "sampling")
 BARS = (
     "cached_over_naive_256_tokens",
     "cached_over_naive_64_tokens",
@@ -41,7 +42,7 @@ def bench(tmp_path_factory) -> tuple[dict, dict]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     printed = result.stdout[result.stdout.rindex("\n{") + 1 :]
-    return json.loads(printed), json.loads(out.read_text())
+    return json.loads(printed), json.loads(out.read_text()), result.stderr
 
 
 def assert_spread(figures: dict) -> None:
@@ -59,9 +60,21 @@ def assert_measured(entry: dict, unit: str) -> None:
 
 
 def test_the_json_printed_last_is_the_one_written(bench):
-    printed, written = bench
+    printed, written, _ = bench
     assert printed == written
     assert set(written) == {"machine", "tokenizer", "encode", "sampling", "bars", "settings"}
+
+
+def test_each_measurement_is_a_progress_line_as_it_ends(bench):
+    """A run stopped early (a time limit on a lent machine) still shows what it measured."""
+    written, stderr = bench[1], bench[2]
+    lines = [line for line in stderr.splitlines() if line.split(" ")[0] in SECTION_WORDS]
+    tiny = written["sampling"]["tiny_64"]["cases"]["b1"]["cached"]["tokens_per_s"]["median"]
+    assert all(
+        line.startswith(("tokenizer tiny:", "encode tiny:", "sampling tiny_64 b")) for line in lines
+    )
+    assert len(lines) == 1 + 1 + 4  # a tokenizer, a pipeline, batches 1 and 2 with and without CFG
+    assert f"sampling tiny_64 b1: cached {tiny:,.1f} tokens/s" in stderr
 
 
 def test_machine_ceilings_are_measured(bench):
