@@ -464,6 +464,25 @@ class StepTimer(L.Callback):
         return hook
 
 
+def bare_trainer(accelerator: str, precision: str, max_steps: int, **options: Any) -> L.Trainer:
+    """A Trainer that only trains, on one device: one epoch of at most `max_steps`, with no
+    logger, checkpoint, validation, progress bar or model summary. For measured steps."""
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_steps=max_steps,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **options,
+    )
+
+
 def train_step_section(
     spec: TokenizerSpec, batch_size: int, settings: Settings, ceilings: Ceilings
 ) -> dict[str, Any]:
@@ -478,20 +497,8 @@ def train_step_section(
     precision = resolve_precision("auto", accelerator)
     with warnings.catch_warnings(), tempfile.TemporaryDirectory() as root:
         warnings.simplefilter("ignore")  # few loader workers, no validation: as intended
-        trainer = L.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            precision=precision,
-            max_steps=steps,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[timer],
-            default_root_dir=root,
+        trainer = bare_trainer(
+            accelerator, precision, steps, callbacks=[timer], default_root_dir=root
         )
         trainer.fit(module, train_dataloaders=loader)
     measurement = Measurement(

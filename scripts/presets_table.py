@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-import lightning as L
 import lpips
 import open_clip
 import torch
@@ -261,9 +260,9 @@ HEADER = (
 
 def measured_peak(preset: Preset) -> float:
     """Peak CUDA bytes allocated while the preset's module trains a few steps on one GPU."""
-    if preset.stage == "tokenizer":
-        from bench import random_images, tokenizer_spec  # the benchmark's stage-one step
+    from bench import bare_trainer, random_images, tokenizer_spec  # as the benchmark trains
 
+    if preset.stage == "tokenizer":
         cfg = compose_config("train_tokenizer", [f"tokenizer={preset.name}"])
         spec = tokenizer_spec(cfg.tokenizer)
         module = TokenizerModule.from_configs(spec.model, spec.loss, spec.optim)
@@ -274,17 +273,7 @@ def measured_peak(preset: Preset) -> float:
         batches = [generator_batch(module, preset.batch_size) for _ in range(MEASURED_STEPS)]
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-mixed",
-        max_steps=MEASURED_STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = bare_trainer("gpu", "bf16-mixed", MEASURED_STEPS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no loader workers, no validation: as intended
         trainer.fit(module, train_dataloaders=batches)
