@@ -270,7 +270,8 @@ def measured_peak(preset: Preset) -> float:
         batches = DataLoader([Sample(image, "") for image in images], batch_size=preset.batch_size)
     else:
         module = generator_module(preset)
-        batches = [generator_batch(module, preset.batch_size) for _ in range(MEASURED_STEPS)]
+        ready = [generator_batch(module, preset.batch_size) for _ in range(MEASURED_STEPS)]
+        batches = DataLoader(ready, batch_size=None)  # a bare list would be read as many loaders
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     trainer = bare_trainer("gpu", "bf16-mixed", MEASURED_STEPS)
