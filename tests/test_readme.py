@@ -79,3 +79,25 @@ def test_measured_preset_memory_needs_a_gpu_and_says_so():
     assert done.returncode == 1
     assert "--measure trains on a GPU and this machine has none" in done.stderr
     assert done.stdout == ""  # nothing computed before the refusal
+
+
+def test_measured_steps_train_both_kinds_of_preset(monkeypatch):
+    """presets_table --measure's steps, on the CPU at tiny sizes (no GPU here): the tokenizer and
+    the generator each train the measured number of steps on their ready batches."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench
+    import presets_table
+
+    trainers, gpu_trainer = [], bench.bare_trainer
+
+    def cpu_trainer(accelerator, precision, max_steps, **options):
+        trainers.append(gpu_trainer("cpu", "32-true", max_steps, **options))
+        return trainers[-1]
+
+    monkeypatch.setattr(bench, "bare_trainer", cpu_trainer)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 123)
+    for stage in ("tokenizer", "generator"):
+        preset = presets_table.Preset(stage, "tiny", batch_size=2, trainer="gpu")
+        assert presets_table.measured_peak(preset) == 123
+        assert trainers[-1].global_step == presets_table.MEASURED_STEPS
