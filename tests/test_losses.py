@@ -4,7 +4,7 @@ import torchvision
 
 from tokenizer import VQGAN, LossConfig, MissingWeightsError, VQGANConfig, VQGANLoss
 from tokenizer.discriminator import DiscriminatorConfig
-from tokenizer.losses import adaptive_gan_weight, load_lpips, vgg_checkpoint_path
+from tokenizer.losses import adaptive_gan_weight, edge_map, load_lpips, vgg_checkpoint_path
 
 
 def loss_config(**overrides) -> LossConfig:
@@ -110,6 +110,39 @@ def write_fake_vgg_checkpoint(path) -> None:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
+
+
+def small_square_image() -> torch.Tensor:
+    """A black image (1, 3, 16, 16) with a white 3x3 square at rows and columns 2-4."""
+    images = -torch.ones(1, 3, 16, 16)
+    images[..., 2:5, 2:5] = 1.0
+    return images
+
+
+def test_edge_map_covers_a_small_shape_and_its_border_and_nothing_flat():
+    edges = edge_map(small_square_image())
+    assert edges.shape == (1, 1, 16, 16)
+    assert edges[..., 2:5, 2:5].eq(1).all()  # every pixel of the 3x3 square
+    assert edges[..., 1, 1] == 1 and edges[..., 5, 5] == 1  # the background next to it
+    assert edges[..., 8:, :].eq(0).all() and edges[..., :, 8:].eq(0).all()  # far away
+    assert edge_map(torch.zeros(2, 3, 8, 8)).eq(0).all()
+
+
+def test_edge_weight_makes_an_error_on_a_small_shape_cost_more_than_on_the_background():
+    images = small_square_image()
+    shape_lost = images.clone()
+    shape_lost[..., 2:5, 2:5] = -1.0  # the square erased
+    background_wrong = images.clone()
+    background_wrong[..., 10:13, 10:13] = 1.0  # the same error, far from the square
+
+    def cost(edge_weight: float, reconstructions: torch.Tensor) -> float:
+        criterion = VQGANLoss(loss_config(edge_weight=edge_weight))
+        zero = torch.zeros(())
+        last_layer = torch.zeros(1, requires_grad=True)
+        return criterion.autoencoder_loss(images, reconstructions, zero, last_layer, 0).total
+
+    assert cost(0.0, shape_lost) == pytest.approx(cost(0.0, background_wrong).item())
+    assert cost(4.0, shape_lost) > 3 * cost(4.0, background_wrong)
 
 
 def test_lpips_builds_from_a_vgg_checkpoint_in_the_torch_hub_folder(tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ VGG_WEIGHTS = torchvision.models.VGG16_Weights.IMAGENET1K_V1
 class LossConfig:
     l1_weight: float = 1.0
     l2_weight: float = 0.0
+    edge_weight: float = 0.0  # extra L1/L2 weight on pixels at colour edges (0 = uniform)
     perceptual_weight: float = 1.0  # 0 trains without LPIPS (and needs no VGG weights)
     perceptual_download: bool = True  # fetch VGG weights once where they are missing
     quantizer_weight: float = 1.0
@@ -41,7 +42,14 @@ class LossConfig:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
     def __post_init__(self) -> None:
-        for name in ("l1_weight", "l2_weight", "perceptual_weight", "gan_weight", "lecam_weight"):
+        for name in (
+            "l1_weight",
+            "l2_weight",
+            "edge_weight",
+            "perceptual_weight",
+            "gan_weight",
+            "lecam_weight",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}.")
         if self.disc_start_step < 0 or self.disc_warmup_steps < 0:
@@ -95,6 +103,29 @@ def adaptive_gan_weight(
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
+def edge_map(images: torch.Tensor, full_step: float = 0.25) -> torch.Tensor:
+    """Where an image changes colour: 1 at an edge, 0 inside flat regions. (B, 1, H, W)
+
+    The largest channel step to the right or lower neighbour, spread over a 3x3 window so
+    both sides of an edge count, and with them every pixel of a shape a few pixels wide. A
+    step of `full_step` (images in [-1, 1]) or more is a full edge. On mostly flat images,
+    where the background outweighs a small shape by 20 to 1 in a uniform loss, this is
+    what lets the shape's few pixels steer the autoencoder.
+    """
+    images = images.detach().float()
+    step_x = (images[..., :, 1:] - images[..., :, :-1]).abs().amax(1, keepdim=True)
+    step_y = (images[..., 1:, :] - images[..., :-1, :]).abs().amax(1, keepdim=True)
+    step = torch.maximum(F.pad(step_x, (0, 1, 0, 0)), F.pad(step_y, (0, 0, 0, 1)))
+    return (F.max_pool2d(step, 3, stride=1, padding=1) / full_step).clamp(max=1.0)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `values` (B, C, H, W) under per-pixel `weights` (B, 1, H, W); None = plain."""
+    if weights is None:
+        return values.mean()
+    return (values * weights).mean() / weights.mean()
+
+
 class ReconstructionTerms(NamedTuple):
     l1: torch.Tensor
     l2: torch.Tensor
@@ -138,11 +169,21 @@ class VQGANLoss(nn.Module):
     def discriminator_active(self, step: int) -> bool:
         return step >= self.config.disc_start_step
 
+    def pixel_weights(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The training loss's per-pixel weights: 1 + edge_weight at edges; None = uniform."""
+        if self.config.edge_weight == 0:
+            return None
+        return 1.0 + self.config.edge_weight * edge_map(images)
+
     def reconstruction_terms(
-        self, images: torch.Tensor, reconstructions: torch.Tensor
+        self,
+        images: torch.Tensor,
+        reconstructions: torch.Tensor,
+        weights: torch.Tensor | None = None,
     ) -> ReconstructionTerms:
-        l1 = (images - reconstructions).abs().mean()
-        l2 = F.mse_loss(reconstructions, images)
+        error = reconstructions - images
+        l1 = weighted_mean(error.abs(), weights)
+        l2 = weighted_mean(error.square(), weights)
         perceptual = images.new_zeros(())
         if self.perceptual is not None:
             perceptual = self.perceptual(reconstructions.float(), images.float()).mean()
@@ -157,7 +198,8 @@ class VQGANLoss(nn.Module):
         step: int,
     ) -> AutoencoderLoss:
         config = self.config
-        l1, l2, perceptual = self.reconstruction_terms(images, reconstructions)
+        weights = self.pixel_weights(images)
+        l1, l2, perceptual = self.reconstruction_terms(images, reconstructions, weights)
         reconstruction = (
             config.l1_weight * l1 + config.l2_weight * l2 + config.perceptual_weight * perceptual
         )
