@@ -20,6 +20,8 @@ preallocated `KVCache`; `forward` is the full pass used for training and as the 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -36,6 +38,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": {"dim": 768, "num_layers": 12, "num_heads": 12},
     "large": {"dim": 1024, "num_layers": 24, "num_heads": 16},
 }
+MAX_SPLIT_ROWS = (
+    32  # inputs of up to this many rows take the thread-split product (measured faster)
+)
+MIN_SPLIT_WEIGHTS = 2**17  # smaller matrices (the tiny preset's) run faster on one thread
 
 
 @checked_config("generator")
@@ -180,14 +186,52 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) 
     )
 
 
+def split_parts(device: torch.device) -> int:
+    """Threads that sampling on `device` splits its few-row products across: 1 = no split."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can split products of a few rows across the CPU's threads.
+
+    Sampling multiplies one row per image by every weight matrix, and on a CPU that product
+    runs on one thread: it reads the weights at about half of what two cores can (see the
+    README's Performance section). While `split_weight` holds the weight as k column blocks
+    (k, in, out / k), inputs of at most MAX_SPLIT_ROWS rows run as one batched matmul of k
+    products, which spreads them over k threads.
+    """
+
+    split_weight: torch.Tensor | None = None
+
+    def split(self, parts: int) -> None:
+        """Hold the weight as `parts` (fewer where out_features is not divisible) blocks."""
+        while self.out_features % parts:
+            parts -= 1
+        weight = self.weight.detach().t().reshape(self.in_features, parts, -1)  # (in, k, out / k)
+        self.split_weight = weight.transpose(0, 1).contiguous()  # (k, in, out / k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = math.prod(x.shape[:-1])
+        if self.split_weight is None or rows > MAX_SPLIT_ROWS:
+            return super().forward(x)
+        parts, leading = self.split_weight.shape[0], x.shape[:-1]
+        x = x.reshape(1, rows, self.in_features).expand(parts, -1, -1)  # (k, rows, in)
+        if self.bias is None:
+            blocks = torch.bmm(x, self.split_weight)
+        else:
+            blocks = torch.baddbmm(self.bias.view(parts, 1, -1), x, self.split_weight)
+        y = blocks.transpose(0, 1).reshape(rows, self.out_features)  # a view for one row
+        return y.view(*leading, self.out_features)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer  # index into the KV cache
         self.num_heads = config.num_heads
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.dim, 3 * config.dim)
-        self.out = nn.Linear(config.dim, config.dim)  # residual projection
+        self.qkv = Linear(config.dim, 3 * config.dim)
+        self.out = Linear(config.dim, config.dim)  # residual projection
         self.out_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -202,8 +246,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         hidden = int(config.mlp_ratio * config.dim)
-        self.up = nn.Linear(config.dim, hidden)
-        self.down = nn.Linear(hidden, config.dim)  # residual projection
+        self.up = Linear(config.dim, hidden)
+        self.down = Linear(hidden, config.dim)  # residual projection
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +288,7 @@ class GPT(nn.Module):
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.num_layers))
         self.norm = nn.LayerNorm(config.dim)
-        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.head = Linear(config.dim, config.vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -345,6 +389,30 @@ class GPT(nn.Module):
             device=self.head.weight.device,
             dtype=self.head.weight.dtype,
         )
+
+    @contextmanager
+    def split_products(self) -> Iterator[None]:
+        """On a CPU with several threads, split the few-row products of sampling across them.
+
+        Holds a second copy of the transformer's weight matrices of at least MIN_SPLIT_WEIGHTS
+        entries, in blocks for the threads, until exit.
+        """
+        linears = [
+            module
+            for module in self.modules()
+            if isinstance(module, Linear) and module.weight.numel() >= MIN_SPLIT_WEIGHTS
+        ]
+        parts = split_parts(self.head.weight.device)
+        if parts == 1:
+            yield
+            return
+        try:
+            for linear in linears:
+                linear.split(parts)
+            yield
+        finally:
+            for linear in linears:
+                linear.split_weight = None
 
     def prefill(
         self,

@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from generator.gpt import GPT, PRESETS, GPTConfig, KVCache
+from generator import gpt
+from generator.gpt import GPT, MAX_SPLIT_ROWS, PRESETS, GPTConfig, KVCache, Linear
+from generator.sampling import generate
 
 VOCAB_SIZE = 32
 GRID_SIZE = (3, 5)  # not square, so rows and columns cannot be mixed up unnoticed
@@ -174,6 +176,68 @@ def test_kv_cache_is_preallocated_and_filled_in_place():
     torch.testing.assert_close(keys[:, :, :2], new)
     torch.testing.assert_close(values[:, :, 2:], new[:, :, :1] + 1)
     assert cache.keys.data_ptr() == keys_storage
+
+
+@pytest.mark.parametrize(("out_features", "parts", "used"), [(12, 2, 2), (12, 4, 4), (6, 4, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_split_linear_layer_gives_the_plain_product_for_few_rows(out_features, parts, used, bias):
+    torch.manual_seed(0)
+    linear = Linear(10, out_features, bias=bias)
+    x = torch.randn(1, MAX_SPLIT_ROWS + 2, 10)  # (B, T, C)
+    expected = nn.functional.linear(x, linear.weight, linear.bias)
+    linear.split(parts)
+    assert linear.split_weight.shape == (used, 10, out_features // used)
+    for rows in (1, 2, 3, MAX_SPLIT_ROWS, MAX_SPLIT_ROWS + 1, MAX_SPLIT_ROWS + 2):
+        torch.testing.assert_close(linear(x[:, :rows]), expected[:, :rows])
+    linear.split_weight = torch.zeros_like(linear.split_weight)  # which weights are read
+    few = linear(x[:, :MAX_SPLIT_ROWS])
+    assert torch.equal(few, (linear.bias if bias else torch.zeros(())).expand_as(few))
+    torch.testing.assert_close(linear(x), expected)  # more rows: the plain product
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sampling_splits_its_products_across_threads_and_lets_go_after(
+    model, two_threads, monkeypatch
+):
+    monkeypatch.setattr(gpt, "MIN_SPLIT_WEIGHTS", 0)  # the tiny preset's matrices are smaller
+    _, clip_embedding = random_inputs(2)
+    torch.set_num_threads(1)
+    unsplit = generate(model, clip_embedding, seed=0)
+    torch.set_num_threads(2)
+    split_calls = []
+    forward = Linear.forward
+
+    def watched(self, x):
+        split_calls.append(self.split_weight is not None)
+        return forward(self, x)
+
+    monkeypatch.setattr(Linear, "forward", watched)
+    assert torch.equal(generate(model, clip_embedding, seed=0), unsplit)
+    assert all(split_calls) and len(split_calls) == NUM_CODES * (4 * 2 + 1)  # 2 layers, head
+    linears = [module for module in model.modules() if isinstance(module, Linear)]
+    assert all(linear.split_weight is None for linear in linears)
+    with pytest.raises(RuntimeError), model.split_products():
+        assert all(linear.split_weight is not None for linear in linears)
+        raise RuntimeError
+    assert all(linear.split_weight is None for linear in linears)
+    assert "split_weight" not in str(model.state_dict().keys())
+
+
+def test_only_large_matrices_are_split(two_threads):
+    model = GPT(tiny_config(dim=256))  # qkv, up and down reach MIN_SPLIT_WEIGHTS; out and head not
+    with model.split_products():
+        split = {
+            n for n, m in model.named_modules() if getattr(m, "split_weight", None) is not None
+        }
+    assert {name.split(".", 2)[-1] for name in split} == {"attention.qkv", "mlp.up", "mlp.down"}
+    assert len(split) == 3 * model.config.num_layers
 
 
 def test_null_embedding_is_a_trained_parameter(model):
