@@ -186,9 +186,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) 
     )
 
 
-def split_parts(device: torch.device) -> int:
-    """Threads that sampling on `device` splits its few-row products across: 1 = no split."""
-    return torch.get_num_threads() if device.type == "cpu" else 1
+def split_parts(device: torch.device, dtype: torch.dtype) -> int:
+    """Threads that sampling on `device` splits its few-row products across: 1 = no split.
+
+    fp32 on a CPU only: GPUs spread one product over their cores by themselves, and a CPU
+    without native bf16 runs a batched bf16 matmul far slower than its one-row product.
+    """
+    if device.type != "cpu" or dtype != torch.float32:
+        return 1
+    return torch.get_num_threads()
 
 
 class Linear(nn.Linear):
@@ -204,7 +210,10 @@ class Linear(nn.Linear):
     split_weight: torch.Tensor | None = None
 
     def split(self, parts: int) -> None:
-        """Hold the weight as `parts` (fewer where out_features is not divisible) blocks."""
+        """Hold the weight as `parts` blocks (fewer where out_features is not divisible); a
+        matrix of fewer than MIN_SPLIT_WEIGHTS entries stays whole."""
+        if parts < 2 or self.weight.numel() < MIN_SPLIT_WEIGHTS:
+            return
         while self.out_features % parts:
             parts -= 1
         weight = self.weight.detach().t().reshape(self.in_features, parts, -1)  # (in, k, out / k)
@@ -392,20 +401,13 @@ class GPT(nn.Module):
 
     @contextmanager
     def split_products(self) -> Iterator[None]:
-        """On a CPU with several threads, split the few-row products of sampling across them.
+        """On a CPU with several threads, split the few-row fp32 products of sampling across them.
 
         Holds a second copy of the transformer's weight matrices of at least MIN_SPLIT_WEIGHTS
         entries, in blocks for the threads, until exit.
         """
-        linears = [
-            module
-            for module in self.modules()
-            if isinstance(module, Linear) and module.weight.numel() >= MIN_SPLIT_WEIGHTS
-        ]
-        parts = split_parts(self.head.weight.device)
-        if parts == 1:
-            yield
-            return
+        linears = [module for module in self.modules() if isinstance(module, Linear)]
+        parts = split_parts(self.head.weight.device, self.head.weight.dtype)
         try:
             for linear in linears:
                 linear.split(parts)

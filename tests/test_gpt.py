@@ -180,7 +180,10 @@ def test_kv_cache_is_preallocated_and_filled_in_place():
 
 @pytest.mark.parametrize(("out_features", "parts", "used"), [(12, 2, 2), (12, 4, 4), (6, 4, 3)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_a_split_linear_layer_gives_the_plain_product_for_few_rows(out_features, parts, used, bias):
+def test_a_split_linear_layer_gives_the_plain_product_for_few_rows(
+    out_features, parts, used, bias, monkeypatch
+):
+    monkeypatch.setattr(gpt, "MIN_SPLIT_WEIGHTS", 0)
     torch.manual_seed(0)
     linear = Linear(10, out_features, bias=bias)
     x = torch.randn(1, MAX_SPLIT_ROWS + 2, 10)  # (B, T, C)
@@ -238,6 +241,8 @@ def test_only_large_matrices_are_split(two_threads):
         }
     assert {name.split(".", 2)[-1] for name in split} == {"attention.qkv", "mlp.up", "mlp.down"}
     assert len(split) == 3 * model.config.num_layers
+    with model.to(torch.bfloat16).split_products():  # bf16: one-row products stay whole
+        assert all(getattr(m, "split_weight", None) is None for m in model.modules())
 
 
 def test_null_embedding_is_a_trained_parameter(model):
