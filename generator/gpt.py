@@ -38,10 +38,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": {"dim": 768, "num_layers": 12, "num_heads": 12},
     "large": {"dim": 1024, "num_layers": 24, "num_heads": 16},
 }
-MAX_SPLIT_ROWS = (
-    32  # inputs of up to this many rows take the thread-split product (measured faster)
-)
-MIN_SPLIT_WEIGHTS = 2**17  # smaller matrices (the tiny preset's) run faster on one thread
+# Sampling on a CPU: inputs of up to MAX_SPLIT_ROWS rows take the thread-split product
+# (measured faster up to 32 rows); smaller matrices (the tiny preset's) run faster on one thread.
+MAX_SPLIT_ROWS = 32
+MIN_SPLIT_WEIGHTS = 2**17
 
 
 @checked_config("generator")

@@ -60,7 +60,7 @@ def sample_from_logits(
     """Draw one code per row of logits (B, vocab) after temperature and filtering; (B,) long."""
     logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
     uniform = torch.rand(logits.shape, generator=generator, device=logits.device)  # [0, 1)
-    log_exponential = uniform.log_().neg_().log_()  # log E, E = -log U ~ Exp(1); never +inf
+    log_exponential = uniform.log_().neg_().log_()  # log E, E = -log U ~ Exp(1); never -inf
     return (logits - log_exponential).argmax(dim=-1)
 
 

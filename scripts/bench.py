@@ -697,8 +697,9 @@ def streamed_linear_seconds(linear: nn.Linear, rows: int, dtype: torch.dtype) ->
     count = max(2, 2**26 // (linear.weight.numel() * 4))
     copies = [Linear(linear.in_features, linear.out_features, device=device, dtype=dtype)]
     copies += [copy.deepcopy(copies[0]) for _ in range(count - 1)]
+    parts = split_parts(device, dtype)
     for layer in copies:
-        layer.split(split_parts(device, dtype))
+        layer.split(parts)
     x = torch.randn(rows, linear.in_features, device=device, dtype=dtype)
     with torch.inference_mode():
         seconds = [timed(lambda layer=layer: layer(x), device) for layer in copies * 2]

@@ -89,6 +89,12 @@ class Footprint(NamedTuple):
     sequence: str  # what one sample is
     activations: int  # bytes saved for backward at the batch size
 
+    @property
+    def states(self) -> int:
+        """Bytes of fp32 weights, gradients and AdamW moments of the trained parameters, and
+        of the frozen weights."""
+        return 16 * self.trained + 4 * self.frozen
+
 
 def compose_config(config_name: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -231,7 +237,7 @@ def gib(num_bytes: float) -> str:
 
 
 def table_row(preset: Preset, footprint: Footprint) -> str:
-    states = 16 * footprint.trained + 4 * footprint.frozen
+    states = footprint.states
     ddp = states + footprint.activations + 4 * footprint.trained
     fsdp = "-"
     if footprint.gathered:
@@ -299,7 +305,7 @@ def main() -> None:
         footprint = count(preset)
         rows.append(table_row(preset, footprint))
         if measure:
-            computed = 16 * footprint.trained + 4 * footprint.frozen + footprint.activations
+            computed = footprint.states + footprint.activations
             cells = [f"`{preset.stage}={preset.name}`", str(preset.batch_size)]
             cells += [gib(computed), gib(measured_peak(preset))]
             measured.append("| " + " | ".join(cells) + " |")
