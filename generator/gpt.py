@@ -20,9 +20,10 @@ preallocated `KVCache`; `forward` is the full pass used for training and as the 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -38,10 +39,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": {"dim": 768, "num_layers": 12, "num_heads": 12},
     "large": {"dim": 1024, "num_layers": 24, "num_heads": 16},
 }
-# Sampling on a CPU: inputs of up to MAX_SPLIT_ROWS rows take the thread-split product
-# (measured faster up to 32 rows); smaller matrices (the tiny preset's) run faster on one thread.
-MAX_SPLIT_ROWS = 32
-MIN_SPLIT_WEIGHTS = 2**17
+# Sampling on a CPU holds a copy of each weight matrix of at least MIN_PACKED_WEIGHTS entries
+# laid out for products of at most MAX_PACKED_ROWS rows (see Linear.pack); smaller matrices (the
+# tiny preset's) ran faster as they are.
+MAX_PACKED_ROWS = 32
+MIN_PACKED_WEIGHTS = 2**17
 
 
 @checked_config("generator")
@@ -127,8 +129,9 @@ class KeysValues(NamedTuple):
 class KVCache:
     """Keys and values of every layer, preallocated and filled in place as tokens arrive.
 
-    Every layer writes its new keys and values at `length`; the model calls `advance` once the
-    last layer is done. `length` is a Python int, so the cache never asks the device anything.
+    Every layer writes its new keys and values at `length`, both in one copy; the model calls
+    `advance` once the last layer is done. `length` is a Python int, so the cache never asks
+    the device anything.
     """
 
     def __init__(
@@ -142,30 +145,40 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        shape = (num_layers, batch_size, num_heads, max_len, head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        shape = (num_layers, 2, batch_size, num_heads, max_len, head_dim)
+        self.keys_values = torch.empty(shape, device=device, dtype=dtype)
+        self.layers = list(self.keys_values)  # (2, B, heads, max_len, head_dim) each
         self.length = 0
 
     @property
+    def keys(self) -> torch.Tensor:  # (layers, B, heads, max_len, head_dim)
+        return self.keys_values[:, 0]
+
+    @property
+    def values(self) -> torch.Tensor:  # (layers, B, heads, max_len, head_dim)
+        return self.keys_values[:, 1]
+
+    @property
     def batch_size(self) -> int:
-        return self.keys.shape[1]
+        return self.keys_values.shape[2]
 
     @property
     def max_len(self) -> int:
-        return self.keys.shape[3]
+        return self.keys_values.shape[4]
 
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> KeysValues:
-        """Store a layer's new keys and values (B, heads, n, head_dim); return all so far."""
-        end = self.length + keys.shape[-2]
-        if end > self.max_len:
+    def check_room(self, num_tokens: int) -> None:
+        if self.length + num_tokens > self.max_len:
             raise ValueError(
                 f"The KV cache holds {self.max_len} tokens and already has {self.length}; "
-                f"it cannot take {keys.shape[-2]} more. Make a longer one with model.new_cache."
+                f"it cannot take {num_tokens} more. Make a longer one with model.new_cache."
             )
-        self.keys[layer, :, :, self.length : end] = keys
-        self.values[layer, :, :, self.length : end] = values
-        return KeysValues(self.keys[layer, :, :, :end], self.values[layer, :, :, :end])
+
+    def update(self, layer: int, keys_values: torch.Tensor) -> KeysValues:
+        """Store a layer's new keys and values (2, B, heads, n, head_dim); return all so far."""
+        self.check_room(keys_values.shape[-2])
+        end = self.length + keys_values.shape[-2]
+        self.layers[layer][:, :, :, self.length : end] = keys_values
+        return KeysValues(*self.layers[layer][:, :, :, :end].unbind())
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
@@ -186,51 +199,104 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) 
     )
 
 
-def split_parts(device: torch.device, dtype: torch.dtype) -> int:
-    """Threads that sampling on `device` splits its few-row products across: 1 = no split.
+class ThreadBlocks:
+    """A weight as one column block per thread (k, in, out / k), multiplied as one batched matmul.
 
-    fp32 on a CPU only: GPUs spread one product over their cores by themselves, and a CPU
-    without native bf16 runs a batched bf16 matmul far slower than its one-row product.
+    MKL runs a one-row product on one thread, which reads the weight at about half of what two
+    cores can (see the README's Performance section); torch spreads a batched matmul's blocks
+    over the threads.
     """
-    if device.type != "cpu" or dtype != torch.float32:
-        return 1
-    return torch.get_num_threads()
+
+    def __init__(self, linear: nn.Linear, rows: int) -> None:
+        parts = torch.get_num_threads()
+        while linear.out_features % parts:
+            parts -= 1
+        weight = linear.weight.detach().t().reshape(linear.in_features, parts, -1)  # (in, k, o/k)
+        self.weight = weight.transpose(0, 1).contiguous()  # (k, in, out / k)
+        self.bias = None if linear.bias is None else linear.bias.detach().view(parts, 1, -1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, in) -> (rows, out)."""
+        parts, rows = self.weight.shape[0], x.shape[0]
+        x = x.expand(parts, -1, -1)  # (k, rows, in)
+        if self.bias is None:
+            blocks = torch.bmm(x, self.weight)
+        else:
+            blocks = torch.baddbmm(self.bias, x, self.weight)  # (k, rows, out / k)
+        if rows == 1:  # the blocks are the row's outputs in order
+            return blocks.view(1, -1)
+        return blocks.transpose(0, 1).reshape(rows, -1)
+
+
+class OneDNNPacked:
+    """A weight reordered once by oneDNN for products of a few rows.
+
+    MKL's sgemm repacks the weight at every call, which for a few rows costs as much as the
+    product; oneDNN's packed linear layer runs on the packed copy, on every thread.
+    """
+
+    def __init__(self, linear: nn.Linear, rows: int) -> None:
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, in) -> (rows, out)."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def packing(device: torch.device, dtype: torch.dtype, rows: int) -> type | None:
+    """How sampling with `rows` rows a step lays out its large weights on `device`: None, or
+    the class that holds them; measured faster on a CPU in fp32 than its plain products.
+
+    One row runs as ThreadBlocks where there are several threads; 2 to MAX_PACKED_ROWS rows
+    run oneDNN's packed product. GPUs spread one product over their cores by themselves, and a
+    CPU without native bf16 runs batched bf16 matmuls far slower than its one-row product.
+    """
+    if device.type != "cpu" or dtype != torch.float32 or rows > MAX_PACKED_ROWS:
+        return None
+    if rows == 1:
+        return ThreadBlocks if torch.get_num_threads() > 1 else None
+    return OneDNNPacked if torch.backends.mkldnn.is_available() else None
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can split products of a few rows across the CPU's threads.
+    """nn.Linear that sampling can give a copy of its weight laid out for products of few rows.
 
-    Sampling multiplies one row per image by every weight matrix, and on a CPU that product
-    runs on one thread: it reads the weights at about half of what two cores can (see the
-    README's Performance section). While `split_weight` holds the weight as k column blocks
-    (k, in, out / k), inputs of at most MAX_SPLIT_ROWS rows run as one batched matmul of k
-    products, which spreads them over k threads.
+    While `packed` holds one (a ThreadBlocks or OneDNNPacked), inputs of at most
+    MAX_PACKED_ROWS rows are multiplied by it; the copy is not part of the state dict.
     """
 
-    split_weight: torch.Tensor | None = None
+    packed: ThreadBlocks | OneDNNPacked | None = None
 
-    def split(self, parts: int) -> None:
-        """Hold the weight as `parts` blocks (fewer where out_features is not divisible); a
-        matrix of fewer than MIN_SPLIT_WEIGHTS entries stays whole."""
-        if parts < 2 or self.weight.numel() < MIN_SPLIT_WEIGHTS:
-            return
-        while self.out_features % parts:
-            parts -= 1
-        weight = self.weight.detach().t().reshape(self.in_features, parts, -1)  # (in, k, out / k)
-        self.split_weight = weight.transpose(0, 1).contiguous()  # (k, in, out / k)
+    def pack(self, layout: type | None, rows: int) -> None:
+        """Hold the weight in `layout` (from `packing`) for `rows` rows a product; a matrix of
+        fewer than MIN_PACKED_WEIGHTS entries stays as it is."""
+        if layout is not None and self.weight.numel() >= MIN_PACKED_WEIGHTS:
+            self.packed = layout(self, rows)
+
+    def unpack(self) -> None:
+        self.packed = None
+
+    def few_rows_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What multiplies (rows, in) by the weight for the rows it was packed for: the packed
+        copy, or F.linear where there is none."""
+        if self.packed is not None:
+            return self.packed
+        return partial(F.linear, weight=self.weight, bias=self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = math.prod(x.shape[:-1])
-        if self.split_weight is None or rows > MAX_SPLIT_ROWS:
+        if self.packed is None or x.numel() > MAX_PACKED_ROWS * self.in_features:
             return super().forward(x)
-        parts, leading = self.split_weight.shape[0], x.shape[:-1]
-        x = x.reshape(1, rows, self.in_features).expand(parts, -1, -1)  # (k, rows, in)
-        if self.bias is None:
-            blocks = torch.bmm(x, self.split_weight)
-        else:
-            blocks = torch.baddbmm(self.bias.view(parts, 1, -1), x, self.split_weight)
-        y = blocks.transpose(0, 1).reshape(rows, self.out_features)  # a view for one row
-        return y.view(*leading, self.out_features)
+        y = self.packed(x.reshape(-1, self.in_features))  # (rows, out)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout that hands back its input outside training without a call into torch, which
+    costs a few microseconds each time: sampling passes 2 L + 1 of them for every code."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if self.training and self.p > 0 else x
 
 
 class SelfAttention(nn.Module):
@@ -241,14 +307,20 @@ class SelfAttention(nn.Module):
         self.dropout = config.dropout
         self.qkv = Linear(config.dim, 3 * config.dim)
         self.out = Linear(config.dim, config.dim)  # residual projection
-        self.out_dropout = nn.Dropout(config.dropout)
+        self.out_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b t (n h d) -> n b h t d", n=3, h=self.num_heads)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+        batch_size, length, dim = x.shape
+        qkv = self.qkv(x).view(batch_size, length, 3, self.num_heads, -1)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, heads, T, head_dim)
+        q, keys_values = qkv[0], qkv[1:]
+        if cache is None:
+            k, v = keys_values.unbind()
+        else:
+            k, v = cache.update(self.layer, keys_values)
         y = attend(q, k, v, self.dropout if self.training else 0.0)  # (B, heads, T, head_dim)
-        return self.out_dropout(self.out(rearrange(y, "b h t d -> b t (h d)")))
+        y = y.transpose(1, 2).reshape(batch_size, length, dim)
+        return self.out_dropout(self.out(y))
 
 
 class MLP(nn.Module):
@@ -257,7 +329,7 @@ class MLP(nn.Module):
         hidden = int(config.mlp_ratio * config.dim)
         self.up = Linear(config.dim, hidden)
         self.down = Linear(hidden, config.dim)  # residual projection
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down(F.gelu(self.up(x))))
@@ -278,7 +350,51 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class BlockStep(NamedTuple):
+    """A block's norms and products, taken out of its modules once for GPT.step_one_code."""
+
+    attention_norm: Callable[[torch.Tensor], torch.Tensor]
+    qkv: Callable[[torch.Tensor], torch.Tensor]
+    out: Callable[[torch.Tensor], torch.Tensor]
+    mlp_norm: Callable[[torch.Tensor], torch.Tensor]
+    up: Callable[[torch.Tensor], torch.Tensor]
+    down: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, block: Block) -> BlockStep:
+        attention, mlp = block.attention, block.mlp
+        return cls(
+            layer_norm_of(block.attention_norm),
+            attention.qkv.few_rows_product(),
+            attention.out.few_rows_product(),
+            layer_norm_of(block.mlp_norm),
+            mlp.up.few_rows_product(),
+            mlp.down.few_rows_product(),
+        )
+
+
+def layer_norm_of(norm: nn.LayerNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    return partial(
+        F.layer_norm,
+        normalized_shape=norm.normalized_shape,
+        weight=norm.weight,
+        bias=norm.bias,
+        eps=norm.eps,
+    )
+
+
+class SamplingState(NamedTuple):
+    """What every sampling step reuses, held by GPT.sampling_mode."""
+
+    positions: torch.Tensor  # (T, C), the position embedding of every code
+    blocks: list[BlockStep]
+    norm: Callable[[torch.Tensor], torch.Tensor]
+    head: Callable[[torch.Tensor], torch.Tensor]
+
+
 class GPT(nn.Module):
+    sampling: SamplingState | None = None  # held by sampling_mode
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
@@ -294,7 +410,7 @@ class GPT(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.dim)
         self.row_embedding = nn.Embedding(height, config.dim)
         self.column_embedding = nn.Embedding(width, config.dim)
-        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.embedding_dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.num_layers))
         self.norm = nn.LayerNorm(config.dim)
         self.head = Linear(config.dim, config.vocab_size, bias=False)
@@ -357,13 +473,16 @@ class GPT(nn.Module):
 
     def embed_codes(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Embed codes (B, n) that sit at raster positions start .. start + n - 1; (B, n, C)."""
-        width = self.config.grid_size[1]
-        position = torch.arange(start, start + codes.shape[1], device=codes.device)
-        return (
-            self.token_embedding(codes)
-            + self.row_embedding(position // width)
-            + self.column_embedding(position % width)
-        )
+        if self.sampling is not None:
+            positions = self.sampling.positions
+        else:
+            positions = self.position_embeddings()
+        return self.token_embedding(codes) + positions[start : start + codes.shape[1]]
+
+    def position_embeddings(self) -> torch.Tensor:
+        """Row plus column embedding of every raster position; (T, C)."""
+        rows, columns = self.row_embedding.weight, self.column_embedding.weight
+        return (rows[:, None] + columns[None]).flatten(0, 1)  # (h, 1, C) + (1, w, C)
 
     def forward(
         self,
@@ -400,21 +519,30 @@ class GPT(nn.Module):
         )
 
     @contextmanager
-    def split_products(self) -> Iterator[None]:
-        """On a CPU with several threads, split the few-row fp32 products of sampling across them.
+    def sampling_mode(self, rows: int) -> Iterator[None]:
+        """Hold what every step of sampling `rows` rows reuses, until exit; the weights must not
+        change meanwhile.
 
-        Holds a second copy of the transformer's weight matrices of at least MIN_SPLIT_WEIGHTS
-        entries, in blocks for the threads, until exit.
+        That is the position embeddings of every code and, where `packing` says so, a second
+        copy of the large weight matrices laid out for products of `rows` rows.
         """
         linears = [module for module in self.modules() if isinstance(module, Linear)]
-        parts = split_parts(self.head.weight.device, self.head.weight.dtype)
+        layout = packing(self.head.weight.device, self.head.weight.dtype, rows)
         try:
-            for linear in linears:
-                linear.split(parts)
+            with torch.no_grad():
+                for linear in linears:
+                    linear.pack(layout, rows)
+                self.sampling = SamplingState(
+                    self.position_embeddings(),
+                    [BlockStep.of(block) for block in self.blocks],
+                    layer_norm_of(self.norm),
+                    self.head.few_rows_product(),
+                )
             yield
         finally:
+            self.sampling = None
             for linear in linears:
-                linear.split_weight = None
+                linear.unpack()
 
     def prefill(
         self,
@@ -438,8 +566,31 @@ class GPT(nn.Module):
         """Feed the next codes (B, n), usually n = 1; return the logits (B, vocab) of the one after."""
         if cache.length < self.config.num_prefix_tokens:
             raise ValueError("step needs a cache that has seen the prefix; call prefill first.")
+        if self.sampling is not None and codes.shape[1] == 1 and not self.training:
+            return self.step_one_code(codes[:, 0], cache)
         x = self.embed_codes(codes, start=cache.length - self.config.num_prefix_tokens)
         return self.head(self._transform(x, cache)[:, -1])
+
+    def step_one_code(self, codes: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`step` for one code (B,) per row in eval mode, inside `sampling_mode`; (B, vocab).
+
+        The blocks' arithmetic, called straight on tensors taken out of the modules once: a
+        one-code step of a small model on a CPU spends as long calling torch as computing, and
+        sampling is nothing but these steps.
+        """
+        cache.check_room(1)
+        sampling, position, rows = self.sampling, cache.length, codes.shape[0]
+        x = F.embedding(codes, self.token_embedding.weight)
+        x = x + sampling.positions[position - self.config.num_prefix_tokens]  # (B, C)
+        for block, keys_values in zip(sampling.blocks, cache.layers, strict=True):
+            qkv = block.qkv(block.attention_norm(x)).view(rows, 3, self.config.num_heads, -1)
+            keys_values.select(3, position).copy_(qkv[:, 1:].transpose(0, 1))
+            keys, values = keys_values.narrow(3, 0, position + 1)  # (B, heads, n, head_dim)
+            y = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys, values)
+            x = x + block.out(y.reshape(rows, -1))
+            x = x + block.down(F.gelu(block.up(block.mlp_norm(x))))
+        cache.advance(1)
+        return sampling.head(sampling.norm(x))
 
     def _transform(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Embeddings (B, n, C) through the blocks and the final norm; (B, n, C)."""

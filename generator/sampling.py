@@ -11,9 +11,10 @@ only the conditional half), 0 ignores the condition, larger values follow it mor
 Negative scales are refused: they steer away from the prompt, which is never what a user of
 text-to-image or variations wants.
 
-Codes are drawn with the Gumbel-max trick, argmax(logits - log(E)) with E ~ Exp(1), which
-samples softmax(logits) exactly without a host-device synchronisation inside the loop. E is
--log(U) of a uniform U: on a CPU, torch's exponential_ takes 3.5x as long for 16,384 codes.
+Codes are drawn by inverting the cumulative distribution: the first code whose cumulative
+probability exceeds a uniform draw. It samples softmax(logits) exactly, needs one random number
+per row, and never synchronises host and device inside the loop. (The Gumbel-max trick needs
+one per code: on a CPU, drawing 16 x 16,384 of them took 7x as long as this whole draw.)
 """
 
 from __future__ import annotations
@@ -58,10 +59,17 @@ def sample_from_logits(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Draw one code per row of logits (B, vocab) after temperature and filtering; (B,) long."""
-    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)  # [0, 1)
-    log_exponential = uniform.log_().neg_().log_()  # log E, E = -log U ~ Exp(1); never -inf
-    return (logits - log_exponential).argmax(dim=-1)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logits = filter_logits(logits, top_k=top_k, top_p=top_p)
+    cumulative = logits.softmax(dim=-1).cumsum_(dim=-1)  # (B, vocab)
+    total = cumulative[:, -1:]  # 1 up to rounding
+    draw = torch.rand(total.shape, generator=generator, device=logits.device).mul_(total)
+    # A filtered code adds 0, so the first sum above the draw is never one; the draw stays
+    # below the total, so that sum exists even where rounding would lift U * total to it.
+    draw = torch.minimum(draw, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, draw, right=True).squeeze(-1)
 
 
 class Condition(NamedTuple):
@@ -96,6 +104,7 @@ class NextCodeLogits(ABC):
         self.cfg_scale = cfg_scale
         self.guided = cfg_scale != 1.0
         self.condition = batch_condition(clip_embedding, self.guided)
+        self.rows = self.condition.clip_embedding.shape[0]  # B, or 2B under guidance
 
     @abstractmethod
     def start(self) -> torch.Tensor:
@@ -124,7 +133,7 @@ class CachedLogits(NextCodeLogits):
     ) -> None:
         super().__init__(model, clip_embedding, cfg_scale)
         self.prefix_codes = prefix_codes
-        self.cache = model.new_cache(self.condition.clip_embedding.shape[0])
+        self.cache = model.new_cache(self.rows)
 
     def start(self) -> torch.Tensor:
         codes = None
@@ -150,9 +159,8 @@ class RecomputedLogits(NextCodeLogits):
         prefix_codes: torch.Tensor | None = None,
     ) -> None:
         super().__init__(model, clip_embedding, cfg_scale)
-        batch_size = self.condition.clip_embedding.shape[0]
         self.codes = torch.zeros(  # (B', T); the slot after the last code is a placeholder
-            batch_size, model.config.num_codes, dtype=torch.long, device=clip_embedding.device
+            self.rows, model.config.num_codes, dtype=torch.long, device=clip_embedding.device
         )
         self.length = 0
         if prefix_codes is not None:
@@ -272,8 +280,8 @@ def _generate(
     if seed is not None:
         generator = torch.Generator(weight.device).manual_seed(seed)
 
-    with _eval_mode(model), model.split_products():
-        source = logits_source(model, clip_embedding, cfg_scale, prefix_codes)
+    source = logits_source(model, clip_embedding, cfg_scale, prefix_codes)
+    with _eval_mode(model), model.sampling_mode(source.rows):
         logits = source.start()  # (B, vocab)
         for t in range(num_given, num_codes):
             codes[:, t] = sample_from_logits(

@@ -57,7 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from generator.clip import CLIPEncoder, ImagePreprocess, build_small_clip, clip_tokenizer
 from generator.encoding import encode_batch
-from generator.gpt import GPT, GPTConfig, Linear, split_parts
+from generator.gpt import GPT, GPTConfig, Linear, packing
 from generator.pipeline import resolve_device
 from generator.sampling import generate, generate_naive
 from generator.shards import EMBEDDING_DTYPE, EncodingPlan, codes_dtype
@@ -692,14 +692,14 @@ class Sampler(NamedTuple):
 def streamed_linear_seconds(linear: nn.Linear, rows: int, dtype: torch.dtype) -> float:
     """Median time of `linear` on (rows, in) inputs, cycling through 64 MiB of copies of it
     so that each call reads its weight from memory, as the sampling loop does; with the
-    weights split across threads as sampling splits them."""
+    weights packed as sampling packs them."""
     device = linear.weight.device
     count = max(2, 2**26 // (linear.weight.numel() * 4))
     copies = [Linear(linear.in_features, linear.out_features, device=device, dtype=dtype)]
     copies += [copy.deepcopy(copies[0]) for _ in range(count - 1)]
-    parts = split_parts(device, dtype)
+    layout = packing(device, dtype, rows)
     for layer in copies:
-        layer.split(parts)
+        layer.pack(layout, rows)
     x = torch.randn(rows, linear.in_features, device=device, dtype=dtype)
     with torch.inference_mode():
         seconds = [timed(lambda layer=layer: layer(x), device) for layer in copies * 2]

@@ -1,4 +1,5 @@
 import ast
+import contextlib
 import math
 
 import pytest
@@ -6,7 +7,17 @@ import torch
 from torch import nn
 
 from generator import gpt
-from generator.gpt import GPT, MAX_SPLIT_ROWS, PRESETS, GPTConfig, KVCache, Linear
+from generator.gpt import (
+    GPT,
+    MAX_PACKED_ROWS,
+    PRESETS,
+    GPTConfig,
+    KVCache,
+    Linear,
+    OneDNNPacked,
+    ThreadBlocks,
+    packing,
+)
 from generator.sampling import generate
 
 VOCAB_SIZE = 32
@@ -128,18 +139,35 @@ def test_embedding_codes_from_an_offset_matches_the_whole_grid(model):
     torch.testing.assert_close(model.embed_codes(codes[:, 4:9], start=4), whole[:, 4:9])
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("sampling_mode", [False, True])
 @torch.no_grad()
-def test_cached_steps_match_the_full_forward_pass(model):
-    codes, clip_embedding = random_inputs(batch_size=3)
-    drop_condition = torch.tensor([False, True, False])
+def test_cached_steps_match_the_full_forward_pass(
+    model, batch_size, sampling_mode, threads, monkeypatch
+):
+    """Through the modules, and inside sampling_mode through step_one_code on packed weights
+    (ThreadBlocks for one row, oneDNN's for three)."""
+    threads(2)
+    monkeypatch.setattr(gpt, "MIN_PACKED_WEIGHTS", 0)
+    codes, clip_embedding = random_inputs(batch_size)
+    drop_condition = torch.arange(batch_size) == 1
     full = model(codes, clip_embedding, drop_condition)  # (B, T, vocab)
-    cache = model.new_cache(batch_size=3)
-    logits = model.prefill(clip_embedding, cache, drop_condition)
-    torch.testing.assert_close(logits, full[:, 0], atol=1e-5, rtol=1e-5)
-    for t in range(NUM_CODES - 1):
-        logits = model.step(codes[:, t : t + 1], cache)
-        torch.testing.assert_close(logits, full[:, t + 1], atol=1e-5, rtol=1e-5)
+    one_code_steps = []
+    step_one_code = GPT.step_one_code
+    monkeypatch.setattr(
+        GPT, "step_one_code", lambda *args: one_code_steps.append(1) or step_one_code(*args)
+    )
+    cache = model.new_cache(batch_size)
+    with model.sampling_mode(batch_size) if sampling_mode else contextlib.nullcontext():
+        logits = model.prefill(clip_embedding, cache, drop_condition)
+        torch.testing.assert_close(logits, full[:, 0], atol=1e-5, rtol=1e-5)
+        for t in range(NUM_CODES - 1):
+            logits = model.step(codes[:, t : t + 1], cache)
+            torch.testing.assert_close(logits, full[:, t + 1], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="KV cache"):
+            model.step(codes[:, :1], cache)
     assert cache.length == cache.max_len
+    assert len(one_code_steps) == (NUM_CODES if sampling_mode else 0)  # the last one refused
 
 
 @torch.no_grad()
@@ -166,83 +194,128 @@ def test_cache_refuses_to_overflow(model):
 
 def test_kv_cache_is_preallocated_and_filled_in_place():
     cache = KVCache(num_layers=2, batch_size=3, num_heads=4, max_len=10, head_dim=8)
-    keys_storage = cache.keys.data_ptr()
-    new = torch.randn(3, 4, 2, 8)
-    cache.update(0, new, new + 1)
-    cache.update(1, new, new + 1)
+    storage = cache.keys_values.data_ptr()
+    new = torch.randn(2, 3, 4, 2, 8)  # (keys and values, B, heads, n, head_dim)
+    cache.update(0, new)
+    cache.update(1, new + 1)
     cache.advance(2)
-    keys, values = cache.update(0, new[:, :, :1], new[:, :, :1] + 1)
-    assert keys.shape == (3, 4, 3, 8)
-    torch.testing.assert_close(keys[:, :, :2], new)
-    torch.testing.assert_close(values[:, :, 2:], new[:, :, :1] + 1)
-    assert cache.keys.data_ptr() == keys_storage
-
-
-@pytest.mark.parametrize(("out_features", "parts", "used"), [(12, 2, 2), (12, 4, 4), (6, 4, 3)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_a_split_linear_layer_gives_the_plain_product_for_few_rows(
-    out_features, parts, used, bias, monkeypatch
-):
-    monkeypatch.setattr(gpt, "MIN_SPLIT_WEIGHTS", 0)
-    torch.manual_seed(0)
-    linear = Linear(10, out_features, bias=bias)
-    x = torch.randn(1, MAX_SPLIT_ROWS + 2, 10)  # (B, T, C)
-    expected = nn.functional.linear(x, linear.weight, linear.bias)
-    linear.split(parts)
-    assert linear.split_weight.shape == (used, 10, out_features // used)
-    for rows in (1, 2, 3, MAX_SPLIT_ROWS, MAX_SPLIT_ROWS + 1, MAX_SPLIT_ROWS + 2):
-        torch.testing.assert_close(linear(x[:, :rows]), expected[:, :rows])
-    linear.split_weight = torch.zeros_like(linear.split_weight)  # which weights are read
-    few = linear(x[:, :MAX_SPLIT_ROWS])
-    assert torch.equal(few, (linear.bias if bias else torch.zeros(())).expand_as(few))
-    torch.testing.assert_close(linear(x), expected)  # more rows: the plain product
+    keys, values = cache.update(0, new[:, :, :, :1] + 2)
+    assert keys.shape == values.shape == (3, 4, 3, 8)
+    torch.testing.assert_close(keys[:, :, :2], new[0])
+    torch.testing.assert_close(values[:, :, 2:], new[1, :, :, :1] + 2)
+    torch.testing.assert_close(cache.values[1, :, :, :2], new[1] + 1)
+    assert cache.keys_values.data_ptr() == storage
 
 
 @pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
 
 
-def test_sampling_splits_its_products_across_threads_and_lets_go_after(
-    model, two_threads, monkeypatch
+@pytest.mark.parametrize(
+    ("layout", "out_features", "threads_or_rows", "blocks"),
+    [
+        (ThreadBlocks, 12, 2, 2),
+        (ThreadBlocks, 12, 4, 4),
+        (ThreadBlocks, 6, 4, 3),  # out_features not divisible by the threads
+        (OneDNNPacked, 12, 2, None),
+        (OneDNNPacked, 12, 16, None),
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_packed_linear_layer_gives_the_plain_product_for_few_rows(
+    layout, out_features, threads_or_rows, blocks, bias, threads, monkeypatch
 ):
-    monkeypatch.setattr(gpt, "MIN_SPLIT_WEIGHTS", 0)  # the tiny preset's matrices are smaller
-    _, clip_embedding = random_inputs(2)
-    torch.set_num_threads(1)
-    unsplit = generate(model, clip_embedding, seed=0)
-    torch.set_num_threads(2)
-    split_calls = []
-    forward = Linear.forward
+    monkeypatch.setattr(gpt, "MIN_PACKED_WEIGHTS", 0)
+    if layout is ThreadBlocks:
+        threads(threads_or_rows)
+    torch.manual_seed(0)
+    linear = Linear(10, out_features, bias=bias)
+    x = torch.randn(1, MAX_PACKED_ROWS + 2, 10)  # (B, T, C)
+    expected = nn.functional.linear(x, linear.weight, linear.bias)
+    linear.pack(layout, threads_or_rows)
+    assert isinstance(linear.packed, layout)
+    if blocks:
+        assert linear.packed.weight.shape == (blocks, 10, out_features // blocks)
+    for rows in (1, 2, 3, MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1, MAX_PACKED_ROWS + 2):
+        torch.testing.assert_close(linear(x[:, :rows]), expected[:, :rows])
+    with torch.no_grad():
+        linear.weight.zero_()  # the packed copy is what is read for few rows, and only then
+    torch.testing.assert_close(linear(x[:, :MAX_PACKED_ROWS]), expected[:, :MAX_PACKED_ROWS])
+    torch.testing.assert_close(linear(x), nn.functional.linear(x, linear.weight, linear.bias))
+    linear.unpack()
+    assert linear.packed is None
 
-    def watched(self, x):
-        split_calls.append(self.split_weight is not None)
-        return forward(self, x)
 
-    monkeypatch.setattr(Linear, "forward", watched)
-    assert torch.equal(generate(model, clip_embedding, seed=0), unsplit)
-    assert all(split_calls) and len(split_calls) == NUM_CODES * (4 * 2 + 1)  # 2 layers, head
+@pytest.mark.parametrize(
+    ("batch_size", "cfg_scale", "layout"),
+    [(1, 1.0, ThreadBlocks), (2, 1.0, OneDNNPacked), (1, 3.0, OneDNNPacked)],
+)
+def test_sampling_packs_its_weights_for_its_rows_and_lets_go_after(
+    model, batch_size, cfg_scale, layout, threads, monkeypatch
+):
+    monkeypatch.setattr(gpt, "MIN_PACKED_WEIGHTS", 0)  # the tiny preset's matrices are smaller
+    _, clip_embedding = random_inputs(batch_size)
+    threads(2)
+    packed_calls = []
+    for kind in (ThreadBlocks, OneDNNPacked):
+        multiply = kind.__call__
+
+        def watched(self, x, multiply=multiply):
+            packed_calls.append(type(self))
+            return multiply(self, x)
+
+        monkeypatch.setattr(kind, "__call__", watched)
+    codes = generate(model, clip_embedding, cfg_scale=cfg_scale, seed=0)
+    assert packed_calls == [layout] * NUM_CODES * (4 * 2 + 1)  # 2 layers, and the head
+    monkeypatch.setattr(gpt, "MIN_PACKED_WEIGHTS", 2**62)  # nothing packed
+    assert torch.equal(generate(model, clip_embedding, cfg_scale=cfg_scale, seed=0), codes)
     linears = [module for module in model.modules() if isinstance(module, Linear)]
-    assert all(linear.split_weight is None for linear in linears)
-    with pytest.raises(RuntimeError), model.split_products():
-        assert all(linear.split_weight is not None for linear in linears)
+    assert all(linear.packed is None for linear in linears)
+    assert model.sampling is None
+    monkeypatch.setattr(gpt, "MIN_PACKED_WEIGHTS", 0)
+    with pytest.raises(RuntimeError), model.sampling_mode(batch_size):
+        assert all(linear.packed is not None for linear in linears)
         raise RuntimeError
-    assert all(linear.split_weight is None for linear in linears)
-    assert "split_weight" not in str(model.state_dict().keys())
+    assert all(linear.packed is None for linear in linears)
+    assert model.sampling is None
+    assert "packed" not in str(model.state_dict().keys())
 
 
-def test_only_large_matrices_are_split(two_threads):
-    model = GPT(tiny_config(dim=256))  # qkv, up and down reach MIN_SPLIT_WEIGHTS; out and head not
-    with model.split_products():
-        split = {
-            n for n, m in model.named_modules() if getattr(m, "split_weight", None) is not None
+def test_only_large_matrices_are_packed(threads):
+    threads(2)
+    model = GPT(tiny_config(dim=256))  # qkv, up and down reach MIN_PACKED_WEIGHTS; out and head not
+    for rows in (1, 2):
+        with model.sampling_mode(rows):
+            packed = {n for n, m in model.named_modules() if getattr(m, "packed", None) is not None}
+        assert {name.split(".", 2)[-1] for name in packed} == {
+            "attention.qkv",
+            "mlp.up",
+            "mlp.down",
         }
-    assert {name.split(".", 2)[-1] for name in split} == {"attention.qkv", "mlp.up", "mlp.down"}
-    assert len(split) == 3 * model.config.num_layers
-    with model.to(torch.bfloat16).split_products():  # bf16: one-row products stay whole
-        assert all(getattr(m, "split_weight", None) is None for m in model.modules())
+        assert len(packed) == 3 * model.config.num_layers
+
+
+def test_packing_is_for_few_rows_in_fp32_on_a_cpu(threads):
+    cpu = torch.device("cpu")
+    threads(2)
+    assert packing(cpu, torch.float32, 1) is ThreadBlocks
+    assert packing(cpu, torch.float32, MAX_PACKED_ROWS) is OneDNNPacked
+    assert packing(cpu, torch.float32, MAX_PACKED_ROWS + 1) is None
+    assert packing(cpu, torch.bfloat16, 1) is None  # bf16's one-row products stay whole
+    assert packing(torch.device("cuda"), torch.float32, 1) is None
+    threads(1)
+    assert packing(cpu, torch.float32, 1) is None
+
+
+def test_position_embeddings_held_for_sampling_are_those_computed(model):
+    codes, _ = random_inputs(2)
+    computed = model.embed_codes(codes[:, 3:9], start=3)
+    with model.sampling_mode(2):
+        assert model.sampling is not None
+        torch.testing.assert_close(model.embed_codes(codes[:, 3:9], start=3), computed)
 
 
 def test_null_embedding_is_a_trained_parameter(model):

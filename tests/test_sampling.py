@@ -89,6 +89,13 @@ def test_sampling_never_draws_a_filtered_code():
     assert 0.68 < (codes == 3).float().mean() < 0.78
 
 
+def test_a_draw_at_the_top_of_the_range_still_lands_on_a_kept_code(monkeypatch):
+    logits = torch.tensor([[1.0, 2.0, 0.5, -9.0, -8.0]])
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.ones(1, 1))  # U = 1
+    assert sample_from_logits(logits, top_k=3).tolist() == [2]  # the last kept code
+    assert sample_from_logits(logits).tolist() == [4]
+
+
 def test_temperature_sharpens_and_flattens():
     logits = torch.tensor([0.0, 1.0]).expand(4000, 2)
     generator = torch.Generator().manual_seed(0)
