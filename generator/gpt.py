@@ -15,6 +15,9 @@ training, for the whole unconditional half of the batch when sampling).
 
 Sampling runs the prefix once (`prefill`) and then one code at a time (`step`) against a
 preallocated `KVCache`; `forward` is the full pass used for training and as the reference.
+Inside `sampling_mode`, a one-code step (`step_one_code`) calls torch straight on tensors taken
+out of the modules once, with the large weights packed for its few rows on a CPU: at batch 1 a
+step is short enough that calling torch costs as much as computing.
 """
 
 from __future__ import annotations
