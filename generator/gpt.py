@@ -378,7 +378,7 @@ class BlockStep(NamedTuple):
 
 def layer_norm_of(norm: nn.LayerNorm) -> Callable[[torch.Tensor], torch.Tensor]:
     return partial(
-        F.layer_norm,
+        torch.layer_norm,  # F.layer_norm without its Python wrapper
         normalized_shape=norm.normalized_shape,
         weight=norm.weight,
         bias=norm.bias,
@@ -588,7 +588,9 @@ class GPT(nn.Module):
         for block, keys_values in zip(sampling.blocks, cache.layers, strict=True):
             qkv = block.qkv(block.attention_norm(x)).view(rows, 3, self.config.num_heads, -1)
             keys_values.select(3, position).copy_(qkv[:, 1:].transpose(0, 1))
-            keys, values = keys_values.narrow(3, 0, position + 1)  # (B, heads, n, head_dim)
+            keys, values = keys_values.narrow(
+                3, 0, position + 1
+            ).unbind()  # (B, heads, n, head_dim)
             y = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys, values)
             x = x + block.out(y.reshape(rows, -1))
             x = x + block.down(F.gelu(block.up(block.mlp_norm(x))))
