@@ -588,9 +588,8 @@ class GPT(nn.Module):
         for block, keys_values in zip(sampling.blocks, cache.layers, strict=True):
             qkv = block.qkv(block.attention_norm(x)).view(rows, 3, self.config.num_heads, -1)
             keys_values.select(3, position).copy_(qkv[:, 1:].transpose(0, 1))
-            keys, values = keys_values.narrow(
-                3, 0, position + 1
-            ).unbind()  # (B, heads, n, head_dim)
+            # (B, heads, n, head_dim) each, n = position + 1
+            keys, values = keys_values.narrow(3, 0, position + 1).unbind()
             y = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys, values)
             x = x + block.out(y.reshape(rows, -1))
             x = x + block.down(F.gelu(block.up(block.mlp_norm(x))))
