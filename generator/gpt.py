@@ -247,7 +247,9 @@ class OneDNNPacked:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-def packing(device: torch.device, dtype: torch.dtype, rows: int) -> type | None:
+def packing(
+    device: torch.device, dtype: torch.dtype, rows: int
+) -> type[ThreadBlocks] | type[OneDNNPacked] | None:
     """How sampling with `rows` rows a step lays out its large weights on `device`: None, or
     the class that holds them; measured faster on a CPU in fp32 than its plain products.
 
@@ -271,7 +273,7 @@ class Linear(nn.Linear):
 
     packed: ThreadBlocks | OneDNNPacked | None = None
 
-    def pack(self, layout: type | None, rows: int) -> None:
+    def pack(self, layout: type[ThreadBlocks] | type[OneDNNPacked] | None, rows: int) -> None:
         """Hold the weight in `layout` (from `packing`) for `rows` rows a product; a matrix of
         fewer than MIN_PACKED_WEIGHTS entries stays as it is."""
         if layout is not None and self.weight.numel() >= MIN_PACKED_WEIGHTS:
