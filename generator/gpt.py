@@ -585,8 +585,8 @@ class GPT(nn.Module):
         """
         cache.check_room(1)
         sampling, position, rows = self.sampling, cache.length, codes.shape[0]
-        x = F.embedding(codes, self.token_embedding.weight)
-        x = x + sampling.positions[position - self.config.num_prefix_tokens]  # (B, C)
+        x = self.embed_codes(codes[:, None], start=position - self.config.num_prefix_tokens)
+        x = x.view(rows, -1)  # (B, C)
         for block, keys_values in zip(sampling.blocks, cache.layers, strict=True):
             qkv = block.qkv(block.attention_norm(x)).view(rows, 3, self.config.num_heads, -1)
             keys_values.select(3, position).copy_(qkv[:, 1:].transpose(0, 1))
