@@ -65,10 +65,11 @@ def sample_from_logits(
     logits = filter_logits(logits, top_k=top_k, top_p=top_p)
     cumulative = logits.softmax(dim=-1).cumsum_(dim=-1)  # (B, vocab)
     total = cumulative[:, -1:]  # 1 up to rounding
-    draw = torch.rand(total.shape, generator=generator, device=logits.device).mul_(total)
-    # A filtered code adds 0, so the first sum above the draw is never one; the draw stays
-    # below the total, so that sum exists even where rounding would lift U * total to it.
-    draw = torch.minimum(draw, total.nextafter(torch.zeros_like(total)))
+    # A filtered code adds 0, so the first sum above the draw is never one. Rounding can lift
+    # U * total to the total, where no sum lies above; shrunk by one part in 2^23, which is at
+    # least one step of fp32 below any total, the draw stays below it.
+    draw = torch.rand(total.shape, generator=generator, device=logits.device)
+    draw = draw.mul_(total).mul_(1 - 2**-23)
     return torch.searchsorted(cumulative, draw, right=True).squeeze(-1)
 
 

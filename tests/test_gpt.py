@@ -215,30 +215,30 @@ def threads():
 
 
 @pytest.mark.parametrize(
-    ("layout", "out_features", "threads_or_rows", "blocks"),
+    ("layout", "in_features", "threads_or_rows", "blocks"),
     [
         (ThreadBlocks, 12, 2, 2),
         (ThreadBlocks, 12, 4, 4),
-        (ThreadBlocks, 6, 4, 3),  # out_features not divisible by the threads
-        (OneDNNPacked, 12, 2, None),
-        (OneDNNPacked, 12, 16, None),
+        (ThreadBlocks, 10, 4, 2),  # in_features not divisible by the threads
+        (OneDNNPacked, 10, 2, None),
+        (OneDNNPacked, 10, 16, None),
     ],
 )
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_packed_linear_layer_gives_the_plain_product_for_few_rows(
-    layout, out_features, threads_or_rows, blocks, bias, threads, monkeypatch
+    layout, in_features, threads_or_rows, blocks, bias, threads, monkeypatch
 ):
     monkeypatch.setattr(gpt, "MIN_PACKED_WEIGHTS", 0)
     if layout is ThreadBlocks:
         threads(threads_or_rows)
     torch.manual_seed(0)
-    linear = Linear(10, out_features, bias=bias)
-    x = torch.randn(1, MAX_PACKED_ROWS + 2, 10)  # (B, T, C)
+    linear = Linear(in_features, 6, bias=bias)
+    x = torch.randn(1, MAX_PACKED_ROWS + 2, in_features)  # (B, T, C)
     expected = nn.functional.linear(x, linear.weight, linear.bias)
     linear.pack(layout, threads_or_rows)
     assert isinstance(linear.packed, layout)
     if blocks:
-        assert linear.packed.weight.shape == (blocks, 10, out_features // blocks)
+        assert linear.packed.weight.shape == (blocks, in_features // blocks, 6)
     for rows in (1, 2, 3, MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1, MAX_PACKED_ROWS + 2):
         torch.testing.assert_close(linear(x[:, :rows]), expected[:, :rows])
     with torch.no_grad():
