@@ -393,6 +393,18 @@ def layer_norm_of(norm: nn.LayerNorm) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: torch.layer_norm(x, shape, weight, bias, eps)
 
 
+def gelu_by_aten(x: torch.Tensor) -> torch.Tensor:
+    """F.gelu (exact) of x, computed by ATen's own kernel.
+
+    On a CPU, F.gelu hands a contiguous float tensor to oneDNN, whose call costs more than the
+    arithmetic at sampling's sizes: 12 us against 4 for 1,536 values, and 4% of a `small` step.
+    Given a strided view of the same values, it runs ATen's kernel.
+    """
+    if x.device.type != "cpu" or x.numel() % 2 or not x.is_contiguous():
+        return F.gelu(x)
+    return F.gelu(x.view(-1, 2).t()).t().view(x.shape)
+
+
 class SamplingState(NamedTuple):
     """What every sampling step reuses, held by GPT.sampling_mode."""
 
@@ -593,13 +605,13 @@ class GPT(nn.Module):
         x = self.embed_codes(codes[:, None], start=position - self.config.num_prefix_tokens)
         x = x.view(rows, -1)  # (B, C)
         for block, keys_values in zip(sampling.blocks, cache.layers, strict=True):
-            qkv = block.qkv(block.attention_norm(x)).view(rows, 3, self.config.num_heads, -1)
-            keys_values.select(3, position).copy_(qkv[:, 1:].transpose(0, 1))
+            qkv = block.qkv(block.attention_norm(x)).view(rows, 3, self.config.num_heads, 1, -1)
+            keys_values.narrow(3, position, 1).copy_(qkv[:, 1:].transpose(0, 1))
             # (B, heads, n, head_dim) each, n = position + 1
             keys, values = keys_values.narrow(3, 0, position + 1).unbind()
-            y = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys, values)
+            y = F.scaled_dot_product_attention(qkv[:, 0], keys, values)
             x = x + block.out(y.reshape(rows, -1))
-            x = x + block.down(F.gelu(block.up(block.mlp_norm(x))))
+            x = x + block.down(gelu_by_aten(block.up(block.mlp_norm(x))))
         cache.advance(1)
         return sampling.head(sampling.norm(x))
 

@@ -16,6 +16,7 @@ from generator.gpt import (
     Linear,
     OneDNNPacked,
     ThreadBlocks,
+    gelu_by_aten,
     packing,
 )
 from generator.sampling import generate
@@ -296,6 +297,24 @@ def test_only_large_matrices_are_packed(threads):
             "mlp.down",
         }
         assert len(packed) == 3 * model.config.num_layers
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.randn(1, 1536),
+        torch.randn(3, 10),
+        torch.randn(1, 7),  # odd: F.gelu itself
+        torch.randn(10, 4).t(),  # strided: F.gelu itself
+        torch.linspace(-12, 12, 4002).view(2, -1),  # both tails
+    ],
+)
+def test_gelu_by_aten_is_the_exact_gelu(x):
+    expected = nn.functional.gelu(x.double()).float()
+    y = gelu_by_aten(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y, nn.functional.gelu(x))
 
 
 def test_packing_is_for_few_rows_in_fp32_on_a_cpu(threads):
