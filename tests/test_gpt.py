@@ -306,7 +306,8 @@ def test_only_large_matrices_are_packed(threads):
         torch.randn(3, 10),
         torch.randn(1, 7),  # odd: F.gelu itself
         torch.randn(10, 4).t(),  # strided: F.gelu itself
-        torch.linspace(-12, 12, 4002).view(2, -1),  # both tails
+        torch.linspace(-12, 12, 4000).view(2, -1),  # both tails
+        torch.randn(4, 2048),  # more than ATEN_GELU_MAX_VALUES: F.gelu itself
     ],
 )
 def test_gelu_by_aten_is_the_exact_gelu(x):
