@@ -386,9 +386,9 @@ class BlockStep(NamedTuple):
 
 
 def layer_norm_of(norm: nn.LayerNorm) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The norm as a call straight into torch: its parameters detached, since an nn.Parameter
-    argument sends every call through Python's __torch_function__ check, and positional
-    arguments, which torch parses faster than keywords."""
+    """The norm as one call into torch, for sampling's steps: its parameters detached (an
+    nn.Parameter argument sends every call through Python's __torch_function__ check) and
+    passed by position, which torch parses faster than keywords."""
     shape, eps = norm.normalized_shape, norm.eps
     weight = None if norm.weight is None else norm.weight.detach()
     bias = None if norm.bias is None else norm.bias.detach()
