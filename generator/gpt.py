@@ -179,10 +179,11 @@ class KVCache:
 
     def update(self, layer: int, keys_values: torch.Tensor) -> KeysValues:
         """Store a layer's new keys and values (2, B, heads, n, head_dim); return all so far."""
-        self.check_room(keys_values.shape[-2])
-        end = self.length + keys_values.shape[-2]
-        self.layers[layer][:, :, :, self.length : end] = keys_values
-        return KeysValues(*self.layers[layer][:, :, :, :end].unbind())
+        num_tokens = keys_values.shape[-2]
+        self.check_room(num_tokens)
+        layer_cache = self.layers[layer]
+        layer_cache.narrow(3, self.length, num_tokens).copy_(keys_values)
+        return KeysValues(*layer_cache.narrow(3, 0, self.length + num_tokens).unbind())
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
@@ -608,11 +609,10 @@ class GPT(nn.Module):
         sampling, position, rows = self.sampling, cache.length, codes.shape[0]
         x = self.embed_codes(codes[:, None], start=position - self.config.num_prefix_tokens)
         x = x.view(rows, -1)  # (B, C)
-        for block, keys_values in zip(sampling.blocks, cache.layers, strict=True):
+        for layer, block in enumerate(sampling.blocks):
             qkv = block.qkv(block.attention_norm(x)).view(rows, 3, self.config.num_heads, 1, -1)
-            keys_values.narrow(3, position, 1).copy_(qkv[:, 1:].transpose(0, 1))
             # (B, heads, n, head_dim) each, n = position + 1
-            keys, values = keys_values.narrow(3, 0, position + 1).unbind()
+            keys, values = cache.update(layer, qkv[:, 1:].transpose(0, 1))
             y = F.scaled_dot_product_attention(qkv[:, 0], keys, values)
             x = x + block.out(y.reshape(rows, -1))
             x = x + block.down(gelu_by_aten(block.up(block.mlp_norm(x))))
