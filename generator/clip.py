@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer.io import checked_config, load_config, save_config
-from tokenizer.weights import load_checked_model, save_weights
+from tokenizer.base.configs import checked_config, load_config, save_config
+from tokenizer.base.weights import load_checked_model, save_weights
 
 SOURCES = ("pretrained", "file", "trained")
 WEIGHTS_FILE = "model.safetensors"

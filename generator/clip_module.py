@@ -21,8 +21,8 @@ import torch
 from generator.clip import CLIPConfig, ImagePreprocess, build_small_clip, clip_tokenizer
 from generator.clip_data import CaptionBatch
 from generator.clip_eval import in_batch_accuracy
-from tokenizer.io import dataclass_from_dict
-from tokenizer.optim import (
+from tokenizer.base.configs import dataclass_from_dict
+from tokenizer.base.optim import (
     ClipsGradientNorm,
     OptimConfig,
     SkipsNonFiniteLoss,

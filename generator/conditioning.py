@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from generator.data import EncodedSample
 from generator.export import CONDITIONS
 from generator.shards import Manifest
-from tokenizer.io import checked_config
+from tokenizer.base.configs import checked_config
 
 
 @checked_config("condition")

@@ -26,7 +26,7 @@ from generator.shards import (
     read_shard,
     tokenizer_fingerprint,
 )
-from tokenizer.io import load_config
+from tokenizer.base.configs import load_config
 from tokenizer.vqgan import CONFIG_FILE, CONFIG_KIND, WEIGHTS_FILE, VQGANConfig
 
 

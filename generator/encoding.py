@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate
 from tqdm import tqdm
 
-import tokenizer.io
+import tokenizer.base.files
 from generator.shards import (
     DONE_FILE,
     EMBEDDING_DTYPE,
@@ -50,8 +50,8 @@ from generator.shards import (
     write_shard,
 )
 from tokenizer import VQGAN
+from tokenizer.base.configs import config_to_dict
 from tokenizer.data import DataConfig, ReportingDataLoader, Sample, build_dataset, has_split
-from tokenizer.io import config_to_dict
 from tokenizer.shapes import SPLITS
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def first_missing_shard(split_dir: Path, dataset_length: int | None) -> int:
 def remove_temporaries(folder: Path) -> None:
     """Files a killed process left half-written (shards, records, the manifest): they are never
     read, and written again."""
-    for stray in tokenizer.io.remove_temporaries(folder):
+    for stray in tokenizer.base.files.remove_temporaries(folder):
         logger.info("removed the half-written %s", stray)
 
 

@@ -23,12 +23,12 @@ import torch
 from generator.clip import CLIPConfig
 from generator.gpt import GPT, GPTConfig
 from generator.shards import tokenizer_fingerprint
-from tokenizer.io import load_config, save_config
+from tokenizer.base.configs import load_config, save_config
+from tokenizer.base.weights import load_checked_model, save_weights
 from tokenizer.vqgan import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from tokenizer.vqgan import CONFIG_KIND as TOKENIZER_CONFIG_KIND
 from tokenizer.vqgan import WEIGHTS_FILE as TOKENIZER_WEIGHTS_FILE
 from tokenizer.vqgan import VQGANConfig
-from tokenizer.weights import load_checked_model, save_weights
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

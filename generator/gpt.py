@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from tokenizer.io import checked_config
+from tokenizer.base.configs import checked_config
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"dim": 64, "num_layers": 2, "num_heads": 4},

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+from tokenizer.base.files import atomic_write
 from tokenizer.data import load_rgb, to_rgb
-from tokenizer.io import atomic_write
 
 MAX_PIXELS = 1 << 27  # Pillow's decompression-bomb limit, as for the datasets
 MAX_SLUG_LENGTH = 60

@@ -25,14 +25,15 @@ from generator.conditioning import ConditionConfig, condition_embedding
 from generator.data import EncodedSample
 from generator.ema import EMA
 from generator.gpt import GPT, GPTConfig
-from tokenizer.io import dataclass_from_dict, mismatched_tensors
-from tokenizer.optim import (
+from tokenizer.base.configs import dataclass_from_dict
+from tokenizer.base.optim import (
     ClipsGradientNorm,
     OptimConfig,
     SkipsNonFiniteLoss,
     adamw_with_schedule,
     schedule_length,
 )
+from tokenizer.base.weights import mismatched_tensors
 
 
 class StepMetrics(NamedTuple):

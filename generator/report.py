@@ -26,7 +26,7 @@ from PIL import Image
 from generator.export import WEIGHTS_FILE
 from generator.images import to_uint8
 from generator.pipeline import Pipeline
-from tokenizer.io import atomic_write_text
+from tokenizer.base.files import atomic_write_text
 from tokenizer.shapes import check, parse_caption, scene_matches
 from tokenizer.vqgan import VQGAN
 

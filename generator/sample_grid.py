@@ -20,9 +20,9 @@ from generator.data import EncodedDataset
 from generator.gpt import GPT
 from generator.module import GeneratorModule
 from generator.sampling import generate
+from tokenizer.base.files import atomic_write, atomic_write_text
+from tokenizer.base.training import whole_module
 from tokenizer.evaluation import to_unit_range
-from tokenizer.io import atomic_write, atomic_write_text
-from tokenizer.training import whole_module
 from tokenizer.vqgan import VQGAN
 
 

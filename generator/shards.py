@@ -33,7 +33,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import safetensors.numpy
 
-from tokenizer.io import atomic_write_bytes, atomic_write_text, config_to_dict, dataclass_from_dict
+from tokenizer.base.configs import config_to_dict, dataclass_from_dict
+from tokenizer.base.files import atomic_write_bytes, atomic_write_text
 
 FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"

@@ -62,11 +62,11 @@ from generator.pipeline import resolve_device
 from generator.sampling import generate, generate_naive
 from generator.shards import EMBEDDING_DTYPE, EncodingPlan, codes_dtype
 from tokenizer import VQGAN
+from tokenizer.base.files import atomic_write_text
+from tokenizer.base.training import resolve_precision
 from tokenizer.data import Sample
-from tokenizer.io import atomic_write_text
 from tokenizer.losses import vgg_checkpoint_path
 from tokenizer.module import TokenizerModule
-from tokenizer.training import resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("tokenizer", "encode", "sampling")

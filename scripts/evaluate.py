@@ -30,9 +30,9 @@ from generator.evaluation import (
 )
 from generator.pipeline import Pipeline, resolve_device
 from tokenizer import VQGAN
+from tokenizer.base.files import atomic_write_text
 from tokenizer.data import DataConfig, ImageDataModule, build_dataset
 from tokenizer.evaluation import FeatureExtractor, evaluate_tokenizer
-from tokenizer.io import atomic_write_text
 
 
 def clip_in_run(run_dir: Path, device: torch.device) -> CLIPEncoder | None:

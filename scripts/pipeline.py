@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from generator.report import headline_numbers
-from tokenizer.io import atomic_write_text
+from tokenizer.base.files import atomic_write_text
 
 SCRIPTS = Path(__file__).resolve().parent
 STATE_FILE = "pipeline.json"

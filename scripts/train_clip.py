@@ -19,8 +19,8 @@ from generator.clip import load_clip, save_trained_clip
 from generator.clip_data import CaptionDataModule
 from generator.clip_eval import shapes_retrieval
 from generator.clip_module import CLIPModule
+from tokenizer.base.training import build_trainer, fit_and_checkpoint
 from tokenizer.data import build_dataset, has_split
-from tokenizer.training import build_trainer, fit_and_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_clip")

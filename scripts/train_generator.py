@@ -21,7 +21,7 @@ from generator.export import Provenance, save_generator
 from generator.module import GeneratorModule
 from generator.sample_grid import SampleGrid, sample_prompts
 from generator.shards import Manifest
-from tokenizer.training import build_trainer, fit_and_checkpoint
+from tokenizer.base.training import build_trainer, fit_and_checkpoint
 
 
 def sample_grid(cfg: DictConfig, run_dir: Path, manifest: Manifest) -> list[SampleGrid]:

@@ -12,9 +12,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tokenizer.base.training import build_trainer, fit_and_checkpoint
 from tokenizer.data import ImageDataModule
 from tokenizer.module import TokenizerModule
-from tokenizer.training import build_trainer, fit_and_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_tokenizer")

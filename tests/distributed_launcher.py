@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-import tokenizer.training
+import tokenizer.base.training
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -50,7 +50,7 @@ def record_fetches(target: str) -> list[int]:
 
 
 def save_after_fit(directory: Path, fetched: list[int]) -> None:
-    fit_and_checkpoint = tokenizer.training.fit_and_checkpoint
+    fit_and_checkpoint = tokenizer.base.training.fit_and_checkpoint
 
     def fit_and_save(trainer, module, *args, **kwargs):
         trained = fit_and_checkpoint(trainer, module, *args, **kwargs)
@@ -61,7 +61,7 @@ def save_after_fit(directory: Path, fetched: list[int]) -> None:
         torch.save(record, directory / f"rank{trainer.global_rank}.pt")
         return trained
 
-    tokenizer.training.fit_and_checkpoint = fit_and_save
+    tokenizer.base.training.fit_and_checkpoint = fit_and_save
 
 
 def main() -> None:

@@ -9,7 +9,7 @@
                                                                        its first step finds it
 
 Kills are SIGKILL. A write is killed after half of its bytes reached the disk, whether the script
-writes the final name or a temporary one (`.NAME.<random>.tmp`, tokenizer.io.atomic_write), so
+writes the final name or a temporary one (`.NAME.<random>.tmp`, tokenizer.base.files.atomic_write), so
 the test sees what a kill during that write leaves. Nothing here is part of the project's code.
 """
 

@@ -18,11 +18,11 @@ from generator.conditioning import ConditionConfig
 from generator.gpt import GPT, GPTConfig
 from generator.shards import EncodingPlan, codes_dtype
 from tokenizer import VQGAN, LossConfig, VQGANConfig
+from tokenizer.base.optim import OptimConfig
+from tokenizer.base.training import build_trainer
 from tokenizer.data import DataConfig
 from tokenizer.module import TokenizerModule
-from tokenizer.optim import OptimConfig
 from tokenizer.quantizer import QuantizerConfig
-from tokenizer.training import build_trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

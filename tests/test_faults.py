@@ -27,8 +27,8 @@ from test_train_tokenizer import TINY, read_checkpoint, run_script
 from generator.export import load_generator
 from generator.shards import read_shard
 from tokenizer import VQGAN, VQGANConfig
-from tokenizer.io import WriteError, check_writable
-from tokenizer.training import build_trainer, checkpoint_dir, fit_and_checkpoint
+from tokenizer.base.files import WriteError, check_writable
+from tokenizer.base.training import build_trainer, checkpoint_dir, fit_and_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "tests" / "fault_launcher.py"

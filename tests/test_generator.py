@@ -38,8 +38,8 @@ from generator.gpt import GPT, GPTConfig
 from generator.module import GeneratorModule
 from generator.shards import tokenizer_fingerprint
 from tokenizer import VQGAN, VQGANConfig
+from tokenizer.base.optim import OptimConfig
 from tokenizer.data import DataConfig
-from tokenizer.optim import OptimConfig
 from tokenizer.quantizer import QuantizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 from generator.clip import CLIPConfig
 from generator.clip_data import CaptionBatch
 from generator.clip_module import CLIPModule
+from tokenizer.base.optim import NonFiniteLossError, OptimConfig
+from tokenizer.base.training import build_trainer, fit_and_checkpoint
 from tokenizer.data import Sample
 from tokenizer.module import TokenizerModule
-from tokenizer.optim import NonFiniteLossError, OptimConfig
-from tokenizer.training import build_trainer, fit_and_checkpoint
 
 
 class Stage(NamedTuple):

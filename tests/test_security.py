@@ -37,10 +37,10 @@ from generator.gpt import GPTConfig
 from generator.module import GeneratorModule
 from generator.pipeline import Pipeline
 from tokenizer import VQGAN, VQGANConfig
+from tokenizer.base.optim import OptimConfig
+from tokenizer.base.weights import UNSAVED_TENSORS
 from tokenizer.losses import LossConfig
 from tokenizer.module import TokenizerModule
-from tokenizer.optim import OptimConfig
-from tokenizer.weights import UNSAVED_TENSORS
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADERS = {  # each exported part of a run, loaded from its folder

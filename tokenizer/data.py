@@ -32,7 +32,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
 
-from tokenizer.io import checked_config
+from tokenizer.base.configs import checked_config
 from tokenizer.shapes import SPLITS, ShapesConfig, ShapesExample, generate
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from tokenizer.base.configs import checked_config
 from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
-from tokenizer.io import checked_config
 
 VGG_WEIGHTS = torchvision.models.VGG16_Weights.IMAGENET1K_V1
 

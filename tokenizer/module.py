@@ -19,10 +19,15 @@ import torch
 import torchvision
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from tokenizer.base.configs import dataclass_from_dict
+from tokenizer.base.optim import (
+    OptimConfig,
+    SkipsNonFiniteLoss,
+    adamw_with_schedule,
+    schedule_length,
+)
 from tokenizer.evaluation import to_unit_range
-from tokenizer.io import dataclass_from_dict
 from tokenizer.losses import LossConfig, VQGANLoss
-from tokenizer.optim import OptimConfig, SkipsNonFiniteLoss, adamw_with_schedule, schedule_length
 from tokenizer.quantizer import histogram_stats
 from tokenizer.vqgan import VQGAN, VQGANConfig
 

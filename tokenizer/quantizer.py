@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from tokenizer.io import checked_config
+from tokenizer.base.configs import checked_config
 
 
 @checked_config("tokenizer.model.quantizer")

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from tokenizer.io import checked_config, load_config, save_config
+from tokenizer.base.configs import checked_config, load_config, save_config
+from tokenizer.base.weights import load_checked_model, save_weights
 from tokenizer.quantizer import QuantizerConfig, VectorQuantizer
-from tokenizer.weights import load_checked_model, save_weights
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from tokenizer.io import checked_config
+from tokenizer.base.configs import checked_config
 
 
 @checked_config("optim")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import safetensors.torch
 import torch
@@ -32,7 +32,7 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
-from tokenizer.io import atomic_write_bytes, mismatched_tensors
+from tokenizer.base.files import atomic_write_bytes
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -84,6 +84,16 @@ def save_weights(model: nn.Module, path: Path) -> Path:
     atomic_write, so that a full disk is its WriteError, never half a file."""
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     return atomic_write_bytes(path, safetensors.torch.save(tensors))
+
+
+def mismatched_tensors(state: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """Names of tensors missing on either side or of another shape, sorted: what makes a
+    weights file and a config (or a checkpoint and a model) not belong together."""
+    return sorted(
+        name
+        for name in set(state) | set(expected)
+        if name not in state or name not in expected or state[name].shape != expected[name].shape
+    )
 
 
 def nbytes(tensor: torch.Tensor) -> int:

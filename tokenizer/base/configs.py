@@ -1,116 +1,28 @@
-"""Safe, atomic file output and dataclass <-> JSON configs for exported models.
+"""Typed configs: dataclasses that refuse unknown fields and wrong types, and their JSON files.
 
-Everything a run directory holds is written to a temporary name in the same folder,
-flushed to disk, then renamed: a killed process leaves either the old file or the new
-one, never half of one. Nothing here unpickles.
+A config reaches a model from Hydra's instantiate, from code or from an exported config.json;
+`checked_config` makes each path refuse an unknown field or a value of the wrong type with a
+sentence that names the field, and `save_config` / `load_config` round-trip a config through
+JSON with its kind and format version, so one model's file is never read as another's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import errno
 import functools
 import json
-import os
-import tempfile
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tokenizer.base.files import atomic_write_text
+
 T = TypeVar("T")
 
 CONFIG_FORMAT_VERSION = 1
-
-
-class WriteError(OSError):
-    """A file of the run directory could not be written; the message says which and what to do."""
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
-_WRITE_FIXES = {
-    errno.ENOSPC: "free space",
-    errno.EDQUOT: "free space or raise the disk quota",
-    errno.EROFS: "choose a run_dir on a writable file system",
-    errno.EACCES: "make the folder writable or choose another run_dir",
-    errno.EPERM: "make the folder writable or choose another run_dir",
-    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another run_dir",
-    errno.EEXIST: "a part of the path is a file, not a folder: choose another run_dir",
-}
-
-
-def _write_fix(error: OSError) -> str:
-    return _WRITE_FIXES.get(error.errno, "fix the cause")
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)`, fsync the result, then rename it onto `path`.
-
-    On an OSError (disk full, read-only or missing folder) the old file at `path` is left as it
-    was, the temporary one is removed, and a WriteError says what to do.
-    """
-    path = Path(path)
-    tmp_path = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp_path = Path(tmp_name)
-        write(tmp_path)
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except OSError as error:
-        raise WriteError(
-            error.errno,
-            f"{error.strerror or error} while writing {path}: {_write_fix(error)} and run the "
-            "same command again; nothing was replaced.",
-        ) from error
-    finally:
-        if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def remove_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporary files that atomic_write leaves when it is killed; they are never read."""
-    strays = sorted(Path(folder).glob(".*.tmp"))
-    for stray in strays:
-        stray.unlink(missing_ok=True)
-    return strays
-
-
-def check_writable(run_dir: str | Path) -> None:
-    """Fail with one sentence, before any work, where run_dir cannot be created or written."""
-    try:
-        probe = atomic_write_bytes(Path(run_dir) / ".write-check", b"")
-    except WriteError as error:
-        cause = error.__cause__
-        raise WriteError(
-            error.errno,
-            f"run_dir={run_dir} cannot be written ({cause.strerror or cause}): "
-            f"{_write_fix(cause)}, then run the same command again.",
-        ) from cause
-    probe.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -203,16 +115,6 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     ):
         raise ValueError(f"{where} must be {hint.__name__}, got {value!r}.")
     return value
-
-
-def mismatched_tensors(state: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """Names of tensors missing on either side or of another shape, sorted: what makes a
-    weights file and a config (or a checkpoint and a model) not belong together."""
-    return sorted(
-        name
-        for name in set(state) | set(expected)
-        if name not in state or name not in expected or state[name].shape != expected[name].shape
-    )
 
 
 def checked_config(where: str) -> Callable[[type[T]], type[T]]:

@@ -29,7 +29,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from tokenizer.io import WriteError, atomic_write_bytes, check_writable, remove_temporaries
+from tokenizer.base.files import WriteError, atomic_write_bytes, check_writable, remove_temporaries
 
 
 def cpu_supports_bf16() -> bool:
@@ -70,7 +70,7 @@ class RunDirCheck(Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written like every other file of the run: tokenizer.io.atomic_write.
+    """Checkpoints written like every other file of the run: tokenizer.base.files.atomic_write.
 
     Lightning's own writer moves a temporary file from /tmp without fsync: where /tmp is another
     file system that move is a copy, and a kill or power cut during it leaves half a last.ckpt.
