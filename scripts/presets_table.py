@@ -266,7 +266,11 @@ HEADER = (
 
 def measured_peak(preset: Preset) -> float:
     """Peak CUDA bytes allocated while the preset's module trains a few steps on one GPU."""
-    from bench import bare_trainer, random_images, tokenizer_spec  # as the benchmark trains
+    from generator.bench.tokenizer import (  # as the benchmark trains
+        bare_trainer,
+        random_images,
+        tokenizer_spec,
+    )
 
     if preset.stage == "tokenizer":
         cfg = compose_config("train_tokenizer", [f"tokenizer={preset.name}"])

@@ -85,8 +85,9 @@ def test_measured_steps_train_both_kinds_of_preset(monkeypatch):
     """presets_table --measure's steps, on the CPU at tiny sizes (no GPU here): the tokenizer and
     the generator each train the measured number of steps on their ready batches."""
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import bench
     import presets_table
+
+    from generator.bench import tokenizer as bench
 
     trainers, gpu_trainer = [], bench.bare_trainer
 

@@ -1,0 +1,245 @@
+"""The sampling section: tokens/s of the KV-cached `generate`, the naive full-recompute loop
+and cached bf16, per batch size, with and without classifier-free guidance, and their ratios.
+
+A generation's FLOPs and weight bytes come from the model's size (2 per weight per row and
+token, plus 4 * dim per layer for every key a query attends to), checked against
+FlopCounterMode on one cached run. A naive loop that would run longer than `naive_max_s` even at
+the fp32 matmul ceiling is skipped with that estimate as the reason, except at batch 1 without
+guidance.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from generator.bench.flops import count_flops
+from generator.bench.machine import Ceilings
+from generator.bench.progress import per_s, progress
+from generator.bench.timing import (
+    GB,
+    Measurement,
+    Settings,
+    measure,
+    report,
+    skipped,
+    stats,
+    timed,
+)
+from generator.cpu_step import few_rows_product
+from generator.gpt import GPT, GPTConfig
+from generator.sampling import SamplingOptions, generate, generate_naive
+
+
+class GPTCost(NamedTuple):
+    """What one generation of B' rows (2B under guidance) costs, counted from the model's size."""
+
+    cached_flops: float
+    naive_flops: float
+    weight_bytes: float  # read once per step: every block, the final norm and the head
+
+
+def matmul_weights(model: GPT) -> tuple[int, int]:
+    """Weights of the blocks' linear layers, and of the head."""
+    blocks = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, nn.Linear))
+    return blocks, model.head.weight.numel()
+
+
+def gpt_cost(model: GPT, rows: int) -> GPTCost:
+    config = model.config
+    blocks, head = matmul_weights(model)
+    prefix, codes = config.num_prefix_tokens, config.num_codes
+    condition = 2 * sum(
+        m.weight.numel() for m in model.condition_mlp.modules() if isinstance(m, nn.Linear)
+    )
+    attention = 4 * config.dim * config.num_layers  # per (query, key) pair: q.k and p.v
+
+    def forward(length: int, predicted: int) -> float:
+        """A pass over `length` tokens (causal) with the head on the last `predicted`."""
+        pairs = length * (length + 1) / 2
+        return condition + 2 * blocks * length + attention * pairs + 2 * head * predicted
+
+    prefill = forward(prefix, 1)
+    steps = sum(2 * blocks + attention * (prefix + t) + 2 * head for t in range(1, codes))
+    naive = sum(forward(prefix + n - 1, n) for n in range(1, codes + 1))
+    read = [
+        p for name, p in model.named_parameters() if name.startswith(("blocks", "norm", "head"))
+    ]
+    weight_bytes = sum(p.numel() * p.element_size() for p in read)
+    return GPTCost(rows * (prefill + steps), rows * naive, weight_bytes)
+
+
+def sampling_report(
+    measurement: Measurement,
+    tokens: int,
+    flops: float,
+    weight_bytes: float,
+    steps: int,
+    ceiling: float,
+    bandwidth: float,
+) -> dict[str, Any]:
+    weight_gbps = steps * weight_bytes / measurement.seconds.median / GB
+    return {
+        **report(measurement, tokens, "tokens", flops, ceiling),
+        "weight_read_gbps": weight_gbps,
+        "weight_read_fraction_of_copy_bandwidth": weight_gbps / bandwidth,
+    }
+
+
+def ratio(numerator: dict[str, Any], denominator: dict[str, Any]) -> float | None:
+    if "skipped" in numerator or "skipped" in denominator:
+        return None
+    return numerator["tokens_per_s"]["median"] / denominator["tokens_per_s"]["median"]
+
+
+def generator_config(node: DictConfig, clip_dim: int) -> GPTConfig:
+    fields = OmegaConf.to_container(node, resolve=True)
+    preset = fields.pop("preset")
+    return GPTConfig.preset(preset, clip_dim=clip_dim, **fields)
+
+
+class Sampler(NamedTuple):
+    """What a sampling case runs: the fp32 model, its bf16 copy, and the choices."""
+
+    model: GPT
+    bf16_model: GPT
+    bf16_mode: str  # auto | true | false
+    naive_max_s: float
+
+
+def streamed_linear_seconds(linear: nn.Linear, rows: int, dtype: torch.dtype) -> float:
+    """Median time of `linear` on (rows, in) inputs, cycling through 64 MiB of copies of it
+    so that each call reads its weight from memory, as the sampling loop does; each copy
+    multiplied by the product sampling uses for it at `rows` rows."""
+    device = linear.weight.device
+    count = max(2, 2**26 // (linear.weight.numel() * 4))
+    first = copy.deepcopy(linear).to(dtype)
+    copies = [first] + [copy.deepcopy(first) for _ in range(count - 1)]
+    products = [few_rows_product(layer, rows) for layer in copies]
+    x = torch.randn(rows, linear.in_features, device=device, dtype=dtype)
+    with torch.inference_mode():
+        seconds = [timed(lambda product=product: product(x), device) for product in products * 2]
+    return stats(seconds[count:]).median
+
+
+def bf16_skip_reason(mode: str, model: GPT, rows: int) -> str | None:
+    """None where cached bf16 sampling runs at `rows` rows; otherwise why it is skipped.
+
+    auto, on a CPU: where a bf16 linear of the loop's shape (rows x dim @ dim x 4 dim) is at
+    least as fast as fp32. CPUs without native bf16 matrix instructions read half the bytes
+    in a matrix-vector product but run products of several rows far slower than fp32."""
+    if mode == "false":
+        return "bf16=false"
+    device = model.head.weight.device
+    if device.type == "cuda":
+        return None if torch.cuda.is_bf16_supported() else "this GPU has no bf16"
+    if mode == "true":
+        return None
+    up = model.blocks[0].mlp.up
+    fp32 = streamed_linear_seconds(up, rows, torch.float32)
+    bf16 = streamed_linear_seconds(up, rows, torch.bfloat16)
+    if bf16 <= fp32:
+        return None
+    return (
+        f"a bf16 linear of this loop's shape ({rows} x {up.in_features} @ {up.in_features} x "
+        f"{up.out_features}) takes {bf16 * 1e6:.0f} us against {fp32 * 1e6:.0f} us in fp32 "
+        "on this CPU; bf16=true runs it anyway"
+    )
+
+
+def sampling_case(
+    sampler: Sampler, batch_size: int, cfg_scale: float, settings: Settings, ceilings: Ceilings
+) -> dict[str, Any]:
+    """One batch size and guidance setting for each implementation, and their ratios."""
+    model = sampler.model
+    rows = batch_size * (2 if cfg_scale != 1.0 else 1)
+    cost = gpt_cost(model, rows)
+    codes = model.config.num_codes
+    embedding = F.normalize(torch.randn(batch_size, model.config.clip_dim), dim=-1)
+    embedding = embedding.to(settings.device)
+
+    options = SamplingOptions(cfg_scale=cfg_scale, seed=0)
+
+    def run(sample: Callable, gpt: GPT, flops: float, ceiling: float) -> dict[str, Any]:
+        measurement = measure(lambda: sample(gpt, embedding, options), settings)
+        weight_bytes = gpt_cost(gpt, rows).weight_bytes  # halved in bf16
+        return sampling_report(
+            measurement, batch_size * codes, flops, weight_bytes, codes, ceiling, ceilings.copy_gbps
+        )
+
+    results = {"batch_size": batch_size, "cfg_scale": cfg_scale, "rows": rows}
+    results["cached"] = run(generate, model, cost.cached_flops, ceilings.fp32_gflops)
+    estimate = cost.naive_flops / (ceilings.fp32_gflops * GB)
+    always = rows == 1  # batch 1 without guidance: every generator gets its cached/naive ratio
+    results["naive"] = (
+        run(generate_naive, model, cost.naive_flops, ceilings.fp32_gflops)
+        if always or estimate <= sampler.naive_max_s
+        else skipped(
+            f"{cost.naive_flops / GB:.0f} GFLOP: at least {estimate:.0f} s at the fp32 matmul "
+            f"ceiling, more than naive_max_s={sampler.naive_max_s:g}"
+        )
+    )
+    reason = bf16_skip_reason(sampler.bf16_mode, model, rows)
+    results["cached_bf16"] = (
+        run(generate, sampler.bf16_model, cost.cached_flops, ceilings.bf16_gflops)
+        if reason is None
+        else skipped(reason)
+    )
+    results["cached_over_naive"] = ratio(results["cached"], results["naive"])
+    results["bf16_over_fp32_cached"] = ratio(results["cached_bf16"], results["cached"])
+    results["bf16_cached_over_naive"] = ratio(results["cached_bf16"], results["naive"])
+    return results
+
+
+def flop_check(model: GPT, settings: Settings) -> float:
+    """FlopCounterMode's count of one cached batch-1 generation over the analytic count."""
+    embedding = torch.zeros(1, model.config.clip_dim, device=settings.device)
+    counted = count_flops(lambda: generate(model, embedding, SamplingOptions(seed=0)))
+    return counted / gpt_cost(model, 1).cached_flops
+
+
+def sampling_section(
+    cfg: DictConfig,
+    names: list[str],
+    batch_sizes: list[int],
+    settings: Settings,
+    ceilings: Ceilings,
+) -> dict[str, Any]:
+    bf16_mode = str(cfg.bf16).lower()
+    if bf16_mode not in ("auto", "true", "false"):
+        raise ValueError(f"bf16={cfg.bf16!r}: use auto, true or false.")
+    results = {}
+    for name in names:
+        torch.manual_seed(cfg.seed)
+        config = generator_config(cfg.generators[name], cfg.clip_dim)
+        model = GPT(config).to(settings.device).eval()
+        bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+        sampler = Sampler(model, bf16_model, bf16_mode, cfg.naive_max_s)
+        blocks, head = matmul_weights(model)
+        cases = {}
+        for batch in batch_sizes:
+            for scale in cfg.cfg_scales:
+                case = f"b{batch}" + ("" if scale == 1.0 else "_cfg")
+                cases[case] = figures = sampling_case(sampler, batch, scale, settings, ceilings)
+                progress(
+                    f"sampling {name} {case}: cached {per_s(figures['cached'], 'tokens')}, "
+                    f"naive {per_s(figures['naive'], 'tokens')}, "
+                    f"cached bf16 {per_s(figures['cached_bf16'], 'tokens')}"
+                )
+        results[name] = {
+            "config": dataclasses.asdict(config),
+            "params": model.num_parameters(),
+            "matmul_weights": blocks + head,
+            "tokens_per_image": config.num_codes,
+            "weight_bytes_per_step_fp32": gpt_cost(model, 1).weight_bytes,
+            "flop_counter_over_analytic": flop_check(model, settings),
+            "cases": cases,
+        }
+    return results
