@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from generator.clip import CLIPConfig, CLIPEncoder, load_clip
-from generator.clip_eval import shapes_retrieval
+from generator.clip.evaluation import shapes_retrieval
 from generator.evaluation import (
     GeneratorMetrics,
     caption_prompts,

@@ -16,9 +16,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from generator.clip import load_clip, save_trained_clip
-from generator.clip_data import CaptionDataModule
-from generator.clip_eval import shapes_retrieval
-from generator.clip_module import CLIPModule
+from generator.clip.data import CaptionDataModule
+from generator.clip.evaluation import shapes_retrieval
+from generator.clip.module import CLIPModule
 from tokenizer.base.training import build_trainer, fit_and_checkpoint
 from tokenizer.data import build_dataset, has_split
 

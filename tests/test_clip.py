@@ -24,8 +24,8 @@ from generator.clip import (
     load_clip,
     save_trained_clip,
 )
-from generator.clip_data import CaptionDataModule, CaptionedImage, DistinctCaptions
-from generator.clip_eval import in_batch_retrieval, shapes_retrieval
+from generator.clip.data import CaptionDataModule, CaptionedImage, DistinctCaptions
+from generator.clip.evaluation import in_batch_retrieval, shapes_retrieval
 from tokenizer.data import DataConfig, Sample, build_dataset
 from tokenizer.shapes import (
     SHAPES,

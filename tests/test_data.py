@@ -26,7 +26,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from generator.clip_data import CaptionBatch, CaptionDataModule
+from generator.clip.data import CaptionBatch, CaptionDataModule
 from tokenizer.data import (
     SHARD_IMAGE_KEYS,
     DataConfig,

@@ -167,7 +167,7 @@ def test_tokenizer_trains_on_uneven_webdataset_shards(tmp_path):
 def test_clip_trains_on_two_processes(tmp_path):
     output = torchrun(
         tmp_path,
-        "generator.clip_data:CaptionedDataset",
+        "generator.clip.data:CaptionedDataset",
         "train_clip.py",
         f"run_dir={tmp_path / 'run'}",
         "clip=tiny",

@@ -18,8 +18,8 @@ from test_generator import fixed_batch_loader, run_script, tiny_module
 from torch.utils.data import DataLoader
 
 from generator.clip import CLIPConfig
-from generator.clip_data import CaptionBatch
-from generator.clip_module import CLIPModule
+from generator.clip.data import CaptionBatch
+from generator.clip.module import CLIPModule
 from tokenizer.base.optim import NonFiniteLossError, OptimConfig
 from tokenizer.base.training import build_trainer, fit_and_checkpoint
 from tokenizer.data import Sample

@@ -28,7 +28,7 @@ from torch.nn.modules.module import (
 )
 
 from generator.clip import CLIPConfig, load_clip
-from generator.clip_module import CLIPModule
+from generator.clip.module import CLIPModule
 from generator.conditioning import ConditionConfig
 from generator.data import load_manifest
 from generator.encoding import encode_run

@@ -18,9 +18,11 @@ import lightning as L
 import open_clip
 import torch
 
-from generator.clip import CLIPConfig, ImagePreprocess, build_small_clip, clip_tokenizer
-from generator.clip_data import CaptionBatch
-from generator.clip_eval import in_batch_accuracy
+from generator.clip.config import CLIPConfig
+from generator.clip.data import CaptionBatch
+from generator.clip.encoder import ImagePreprocess
+from generator.clip.evaluation import in_batch_accuracy
+from generator.clip.trained import build_small_clip, clip_tokenizer
 from tokenizer.base.configs import dataclass_from_dict
 from tokenizer.base.optim import (
     ClipsGradientNorm,
@@ -81,7 +83,7 @@ class CLIPModule(SkipsNonFiniteLoss, ClipsGradientNorm, L.LightningModule):
         """The first items of `batch`, as many as the smallest batch of any rank holds.
 
         Under DDP the loss gathers every rank's features, which must be equally many, while
-        distinct-caption batches lose a varying number of items (generator/clip_data.py)."""
+        distinct-caption batches lose a varying number of items (generator/clip/data.py)."""
         if self.trainer.world_size == 1:
             return batch
         size = torch.tensor(len(batch.captions), device=self.device)

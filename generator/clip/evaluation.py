@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from generator.clip import CLIPEncoder
+from generator.clip.encoder import CLIPEncoder
 from tokenizer.data import Sample, ShapesDataset
 from tokenizer.shapes import attribute_combinations, canonical_caption, is_held_out
 
