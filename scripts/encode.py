@@ -15,10 +15,10 @@ from omegaconf import DictConfig
 from generator.clip import load_clip, record_encoding_clip
 from generator.encoding import encode_run
 from generator.pipeline import resolve_device
+from tokenizer.base.cli import run_command
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="encode")
-def main(cfg: DictConfig) -> None:
+def encode(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     device = resolve_device(cfg.device)
     clip_config = instantiate(cfg.clip, _convert_="all")
@@ -38,6 +38,11 @@ def main(cfg: DictConfig) -> None:
         print(f"{run_dir / 'encoded'} is already complete ({counts}): nothing to do.")
     else:
         print(f"Encoded shards written to {run_dir / 'encoded'} ({counts}).")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="encode")
+def main(cfg: DictConfig) -> None:
+    run_command(encode, cfg)
 
 
 if __name__ == "__main__":

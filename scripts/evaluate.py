@@ -30,6 +30,7 @@ from generator.evaluation import (
 )
 from generator.pipeline import Pipeline, resolve_device
 from tokenizer import VQGAN
+from tokenizer.base.cli import run_command
 from tokenizer.base.files import atomic_write_text
 from tokenizer.data import DataConfig, ImageDataModule, build_dataset
 from tokenizer.evaluation import FeatureExtractor, evaluate_tokenizer
@@ -66,8 +67,7 @@ def evaluate_generator_in_run(
     return evaluate_generator(pipeline, prompts, sources, config, use_checker=on_shapes)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def evaluate(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     device = resolve_device(cfg.device)
     vqgan = VQGAN.from_pretrained(run_dir / "tokenizer", device=device)
@@ -95,6 +95,11 @@ def main(cfg: DictConfig) -> None:
     atomic_write_text(run_dir / "eval.json", text + "\n")
     print(f"Evaluation written to {run_dir / 'eval.json'}")
     print(text)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_command(evaluate, cfg)
 
 
 if __name__ == "__main__":

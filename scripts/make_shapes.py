@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from tokenizer.base.cli import run_command
 from tokenizer.shapes import SPLITS, ShapesConfig, ShapesExample, generate, is_held_out
 
 FORMATS = ("folder", "webdataset")
@@ -104,8 +105,7 @@ ConfigStore.instance().store(
 )
 
 
-@hydra.main(version_base="1.3", config_path=None, config_name="make_shapes")
-def main(cfg: DictConfig) -> None:
+def make_shapes(cfg: DictConfig) -> None:
     config = MakeShapesConfig(**OmegaConf.to_container(cfg, resolve=True))
     out = Path(config.out).expanduser()
     _check(config, out)
@@ -117,6 +117,11 @@ def main(cfg: DictConfig) -> None:
     else:
         write_shards(out, examples, config.split, config.shard_size)
     print(f"Wrote {config.num_images} {config.split} images to {out.resolve()}")
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="make_shapes")
+def main(cfg: DictConfig) -> None:
+    run_command(make_shapes, cfg)
 
 
 if __name__ == "__main__":

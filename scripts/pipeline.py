@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from generator.report import headline_numbers
+from tokenizer.base.cli import run_command
 from tokenizer.base.files import atomic_write_text
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -188,8 +189,7 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")
-def main(cfg: DictConfig) -> None:
+def run_pipeline(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = read_state(run_dir)
@@ -241,6 +241,11 @@ def main(cfg: DictConfig) -> None:
     print("\n".join(summary))
     print(f"Pictures: {run_dir / 'samples'}, {run_dir / 'variations'}")
     print(f"Report:   {run_dir / 'report.html'}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    run_command(run_pipeline, cfg)
 
 
 if __name__ == "__main__":

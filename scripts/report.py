@@ -12,11 +12,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from generator.evaluation import first_images
 from generator.report import write_report
 from tokenizer import VQGAN
+from tokenizer.base.cli import run_command
 from tokenizer.data import ImageDataModule
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
-def main(cfg: DictConfig) -> None:
+def report(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     with open_dict(cfg):
         cfg.data.image_size = VQGAN.from_pretrained(run_dir / "tokenizer").config.image_size
@@ -32,6 +32,11 @@ def main(cfg: DictConfig) -> None:
         device=cfg.device,
     )
     print(f"Report written to {path}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+def main(cfg: DictConfig) -> None:
+    run_command(report, cfg)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from generator.images import grid_names, output_dir, save_images
 from generator.pipeline import Pipeline, resolve_device, sampling_arguments
+from tokenizer.base.cli import run_command
 
 
 def quoted_prompt(argument: str) -> str:
@@ -40,8 +41,7 @@ def prompts_of(cfg: DictConfig) -> list[str]:
     return prompts
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
-def main(cfg: DictConfig) -> None:
+def sample(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     prompts = prompts_of(cfg)
     clip_config = instantiate(cfg.clip, _convert_="all") if cfg.get("clip") else None
@@ -55,6 +55,11 @@ def main(cfg: DictConfig) -> None:
     saved = save_images(directory, generated.images, names, per_row=cfg.num_images)
     print(saved.grid)
     print("\n".join(map(str, saved.singles)))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    run_command(sample, cfg)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ from generator.clip import load_clip, save_trained_clip
 from generator.clip.data import CaptionDataModule
 from generator.clip.evaluation import shapes_retrieval
 from generator.clip.module import CLIPModule
+from tokenizer.base.cli import run_command
 from tokenizer.base.training import build_trainer, fit_and_checkpoint
 from tokenizer.data import build_dataset, has_split
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_clip")
-def main(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True)
     data_config = instantiate(cfg.data, _convert_="all")
@@ -47,6 +47,11 @@ def main(cfg: DictConfig) -> None:
         encoder = load_clip(dataclasses.replace(clip_config, checkpoint=str(exported)))
         scores = shapes_retrieval(encoder, build_dataset(data_config, "test"), cfg.eval_images)
         print(json.dumps({"clip_retrieval": dataclasses.asdict(scores)}))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_clip")
+def main(cfg: DictConfig) -> None:
+    run_command(train, cfg)
 
 
 if __name__ == "__main__":

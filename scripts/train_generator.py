@@ -21,6 +21,7 @@ from generator.export import Provenance, save_generator
 from generator.module import GeneratorModule
 from generator.sample_grid import SampleGrid, sample_prompts
 from generator.shards import Manifest
+from tokenizer.base.cli import run_command
 from tokenizer.base.training import build_trainer, fit_and_checkpoint
 
 
@@ -41,8 +42,7 @@ def sample_grid(cfg: DictConfig, run_dir: Path, manifest: Manifest) -> list[Samp
     return [grid]
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_generator")
-def main(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True)
     manifest = load_manifest(run_dir)
@@ -83,6 +83,11 @@ def main(cfg: DictConfig) -> None:
     if trainer.is_global_zero:
         exported = save_generator(module.exported_model, provenance, run_dir / "generator")
         print(f"Generator written to {exported}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_generator")
+def main(cfg: DictConfig) -> None:
+    run_command(train, cfg)
 
 
 if __name__ == "__main__":

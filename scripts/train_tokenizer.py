@@ -12,13 +12,13 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tokenizer.base.cli import run_command
 from tokenizer.base.training import build_trainer, fit_and_checkpoint
 from tokenizer.data import ImageDataModule
 from tokenizer.module import TokenizerModule
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_tokenizer")
-def main(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True)
     data_config = instantiate(cfg.data, _convert_="all")
@@ -47,6 +47,11 @@ def main(cfg: DictConfig) -> None:
     if trainer.is_global_zero:
         exported = module.vqgan.save_pretrained(run_dir / "tokenizer")
         print(f"Tokenizer written to {exported}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_tokenizer")
+def main(cfg: DictConfig) -> None:
+    run_command(train, cfg)
 
 
 if __name__ == "__main__":

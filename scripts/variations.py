@@ -13,10 +13,10 @@ from omegaconf import DictConfig
 
 from generator.images import grid_names, output_dir, save_images
 from generator.pipeline import Pipeline, resolve_device, sampling_arguments
+from tokenizer.base.cli import run_command
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="variations")
-def main(cfg: DictConfig) -> None:
+def make_variations(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     if not cfg.image:
         raise ValueError("No source image given: pass image=PATH to an image file.")
@@ -36,6 +36,11 @@ def main(cfg: DictConfig) -> None:
     saved = save_images(directory, images, names, per_row=cfg.num_images + 1)
     print(saved.grid)
     print("\n".join(map(str, saved.singles)))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="variations")
+def main(cfg: DictConfig) -> None:
+    run_command(make_variations, cfg)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_SMALL, random_images
 from safetensors.torch import save_file
 
 from generator.clip import (
@@ -39,28 +40,11 @@ from tokenizer.shapes import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARCH = "test-tiny-clip"  # an open_clip architecture registered by the fixture below
-TINY_SMALL = {  # the small CLIP trained here, at test size
-    "embed_dim": 16,
-    "patch_size": 8,
-    "vision_width": 16,
-    "vision_layers": 1,
-    "vision_heads": 2,
-    "vision_pos_embed": "learnable",  # the tiny preset covers sin_cos_2d
-    "text_width": 16,
-    "text_layers": 1,
-    "text_heads": 2,
-    "context_length": 24,
-}
 CAPTIONS = ["a small red circle in the center on a white background", "a blue square", "x"]
 
 
 class Unsafe:
     """Any object but tensors and containers: a weights-only unpickler must refuse it."""
-
-
-def images(count: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(count, 3, size, size, generator=generator) * 2 - 1  # (B, 3, H, W)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +107,7 @@ def test_file_source_loads_the_checkpoint_weights(tiny_arch, tiny_checkpoint):
         CLIPConfig(source="file", model_name=tiny_arch, checkpoint=str(tiny_checkpoint))
     )
     reference = open_clip.create_model(tiny_arch, pretrained=str(tiny_checkpoint)).eval()
-    batch = images(4)
+    batch = random_images(4)
     pixels = (batch + 1) / 2
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -185,7 +169,7 @@ def test_trained_source_reloads_identically(trained_dir):
     direct = CLIPEncoder(model, clip_tokenizer(config), ImagePreprocess.of(model), config, 16)
     from_run = load_clip(CLIPConfig(source="trained"), run_dir=trained_dir.parent)
     from_path = load_clip(CLIPConfig(source="trained", checkpoint=str(trained_dir)))
-    batch = images(5)
+    batch = random_images(5)
     assert torch.equal(from_run.encode_image(batch), direct.encode_image(batch))
     assert torch.equal(from_run.encode_text(CAPTIONS), direct.encode_text(CAPTIONS))
     assert from_run.fingerprint() == from_path.fingerprint() == direct.fingerprint()
@@ -207,7 +191,7 @@ def test_fingerprint_changes_with_the_weights(trained_dir):
 
 def test_embeddings_are_unit_vectors_and_do_not_depend_on_the_batching(trained_dir):
     encoder = load_clip(CLIPConfig(source="trained", checkpoint=str(trained_dir)))
-    batch = images(7)
+    batch = random_images(7)
     whole = encoder.encode_image(batch)
     chunked = encoder.encode_image(batch, batch_size=3)
     one_by_one = torch.cat([encoder.encode_image(batch[i : i + 1]) for i in range(7)])
@@ -224,7 +208,7 @@ def test_embeddings_are_unit_vectors_and_do_not_depend_on_the_batching(trained_d
 
 def test_images_are_resized_to_the_model_input(trained_dir):
     encoder = load_clip(CLIPConfig(source="trained", checkpoint=str(trained_dir)))
-    small = images(2)
+    small = random_images(2)
     large = F.interpolate((small + 1) / 2, size=64, mode="nearest") * 2 - 1  # (2, 3, 64, 64)
     assert encoder.preprocess(large).shape == (2, 3, 32, 32)
     similarity = (encoder.encode_image(large) * encoder.encode_image(small)).sum(dim=1)
@@ -468,7 +452,7 @@ def test_training_lowers_the_loss_and_exports_the_trained_clip(trained_run):
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2
     exported = load_clip(CLIPConfig(source="trained"), run_dir)
     trained = checkpoint_clip(run_dir)
-    batch = images(6)
+    batch = random_images(6)
     assert torch.equal(exported.encode_image(batch), trained.encode_image(batch))
     assert torch.equal(exported.encode_text(CAPTIONS), trained.encode_text(CAPTIONS))
     summary = json.loads(result.stdout.strip().splitlines()[-1])["clip_retrieval"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -29,11 +29,6 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def compose_config(config_name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
 
 
 @pytest.mark.parametrize("preset", group_options("tokenizer"))

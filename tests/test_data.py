@@ -4,7 +4,6 @@ import csv
 import io
 import json
 import logging
-import struct
 import subprocess
 import sys
 import tarfile
@@ -17,14 +16,8 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from lightning.pytorch.trainer.connectors.data_connector import (
-    _get_distributed_sampler,
-    _is_dataloader_shuffled,
-    _update_dataloader,
-)
-from lightning.pytorch.trainer.states import RunningStage
+from helpers import decompression_bomb_png, hand_made_png, huge_header_png, lightning_rank_loaders
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from generator.clip.data import CaptionBatch, CaptionDataModule
 from tokenizer.data import (
@@ -50,38 +43,11 @@ def _encoded(array: np.ndarray, format: str) -> bytes:
     return _encoded_image(Image.fromarray(array), format)
 
 
-def _png(width: int, height: int, bit_depth: int, colour_type: int, pixels: bytes) -> bytes:
-    """A PNG written by hand: its header says what we like, whatever the (compressed) pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-    )
-
-
 def _png16_rgb(array: np.ndarray) -> bytes:
     """A 16-bit RGB PNG, written by hand because Pillow cannot write one."""
     height, width, _ = array.shape
     rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
-    return _png(width, height, 16, 2, zlib.compress(rows))
-
-
-def _huge_header_png() -> bytes:
-    """65 bytes whose header claims 20,000 x 20,000 RGB pixels (1.2 GB decoded)."""
-    return _png(20_000, 20_000, 8, 2, zlib.compress(b""))
-
-
-def _decompression_bomb_png(side: int = 12_000) -> bytes:
-    """A real, complete 1-bit PNG of side**2 black pixels in 18 kB: 1.44e8 pixels, just
-    over the default limit (1 << 27), where Pillow only warns unless told otherwise."""
-    compressor = zlib.compressobj(9)
-    row = b"\x00" + bytes((side + 7) // 8)
-    pixels = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-    return _png(side, side, 1, 0, pixels)
+    return hand_made_png(width, height, 16, 2, zlib.compress(rows))
 
 
 @pytest.fixture
@@ -189,8 +155,8 @@ def _bad_inputs() -> BadInputs:
     add("truncated.jpg", jpeg[: len(jpeg) // 2])
     add("empty.jpg", b"")
     add("text.png", b"this is not an image")
-    add("huge_header.png", _huge_header_png())
-    add("bomb.png", _decompression_bomb_png())
+    add("huge_header.png", huge_header_png())
+    add("bomb.png", decompression_bomb_png())
     return BadInputs(files, good, sorted(set(files) - set(good)))
 
 
@@ -322,19 +288,6 @@ def test_shards_are_split_between_workers_and_ranks(tmp_path, captioned_files, m
     assert build_dataset(config, "train").ranks == RankSplit(1, 2)
     with pytest.raises(ValueError, match="5 shard.* for 8 ranks: every rank needs a shard"):
         build_dataset(config, "train", ranks=RankSplit(0, 8))
-
-
-def lightning_rank_loaders(loader: DataLoader, world_size: int) -> list[DataLoader]:
-    """The training `loader` as Lightning remakes it on each DDP rank: with the distributed
-    sampler it injects in place of the loader's own (Trainer(use_distributed_sampler=True))."""
-    shuffle = _is_dataloader_shuffled(loader)
-    loaders = []
-    for rank in range(world_size):
-        sampler = _get_distributed_sampler(
-            loader, shuffle, overfit_batches=0, num_replicas=world_size, rank=rank
-        )
-        loaders.append(_update_dataloader(loader, sampler, mode=RunningStage.TRAINING))
-    return loaders
 
 
 def _image_key(image: torch.Tensor) -> bytes:

@@ -14,8 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_encoded_run
-from test_train_tokenizer import ROOT, TINY
+from helpers import ROOT, TINY, make_encoded_run
 
 from generator.export import load_generator
 from generator.gpt import GPT

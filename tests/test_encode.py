@@ -1,22 +1,26 @@
 """Encoded shards: what they hold, resume after a kill, and refusing shards of another model."""
 
-import hashlib
-import io
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import webdataset as wds
+from helpers import (
+    FakeCLIP,
+    compose_config,
+    encoded_files,
+    lightning_rank_loaders,
+    load_script,
+    run_script,
+    save_tokenizer,
+    shapes_config,
+    write_images,
+)
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from PIL import Image
-from test_data import lightning_rank_loaders
 from torch.utils.data import DataLoader
 
 import generator.encoding
@@ -30,54 +34,9 @@ from generator.clip import (
 from generator.data import EncodedDataModule, EncodedDataset, load_manifest
 from generator.encoding import encode_run
 from generator.shards import ShardMismatchError, read_shard
-from tokenizer import VQGAN, VQGANConfig
 from tokenizer.data import DataConfig, build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class FakeCLIP:
-    """Follows generator.clip.CLIPEncoder's interface: fixed random projections of pooled
-    pixels and of a caption's byte histogram, l2-normalised."""
-
-    embed_dim = 16
-
-    def __init__(self, seed: int = 0) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.image_projection = torch.randn(3 * 4 * 4, self.embed_dim, generator=generator)
-        self.text_projection = torch.randn(256, self.embed_dim, generator=generator)
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        pooled = F.adaptive_avg_pool2d(images, 4).flatten(1)  # (B, 48)
-        return F.normalize(pooled @ self.image_projection, dim=-1)
-
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        counts = torch.zeros(len(captions), 256)
-        for row, caption in enumerate(captions):
-            for byte in caption.encode():
-                counts[row, byte] += 1
-        return F.normalize(counts @ self.text_projection, dim=-1)
-
-    def fingerprint(self) -> str:
-        weights = torch.cat([self.image_projection.flatten(), self.text_projection.flatten()])
-        return hashlib.sha256(weights.numpy().tobytes()).hexdigest()
-
-
-def save_tokenizer(run_dir: Path, seed: int = 0) -> VQGAN:
-    torch.manual_seed(seed)
-    vqgan = VQGAN(VQGANConfig.tiny()).eval()
-    vqgan.save_pretrained(run_dir / "tokenizer")
-    return vqgan
-
-
-def shapes_config(**overrides) -> DataConfig:
-    values = dict(num_train=10, num_val=3, batch_size=4, num_workers=0)
-    return DataConfig(source="shapes", **{**values, **overrides})
-
-
-def encoded_files(run_dir: Path) -> dict[str, bytes]:
-    root = run_dir / "encoded"
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 class Killed(Exception):
@@ -98,29 +57,6 @@ def kill_after(monkeypatch, shards: int, leave_temporary: bool = False) -> None:
         return write_shard(path, *args, **kwargs)
 
     monkeypatch.setattr(generator.encoding, "write_shard", write_or_die)
-
-
-def image_bytes(array: np.ndarray, format: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=format)
-    return buffer.getvalue()
-
-
-def write_images(root: Path) -> list[tuple[str, bytes, str]]:
-    """Eleven small images (one of them corrupt, two without captions) under `root`."""
-    rng = np.random.default_rng(0)
-    files = []
-    for index in range(11):
-        array = rng.integers(0, 256, (30 + index, 40, 3), dtype=np.uint8)
-        data = b"not an image" if index == 4 else image_bytes(array, "PNG")
-        caption = "" if index in (2, 7) else f"picture {index}"
-        files.append((f"image{index:02d}", data, caption))
-    root.mkdir(parents=True)
-    for key, data, caption in files:
-        (root / f"{key}.png").write_bytes(data)
-        if caption:
-            (root / f"{key}.txt").write_text(caption)
-    return files
 
 
 def write_tars(root: Path, files: list[tuple[str, bytes, str]]) -> None:
@@ -310,7 +246,7 @@ def test_encode_config_composes_with_its_defaults():
     assert list(cfg.splits) == ["train", "val"] and not cfg.overwrite
 
 
-def test_encode_script_end_to_end(tmp_path):
+def test_encode_script_end_to_end(tmp_path, capsys):
     """scripts/encode.py with a small CLIP saved into RUN/clip; a rerun does nothing."""
     vqgan = save_tokenizer(tmp_path)
     clip_config = instantiate(OmegaConf.load(ROOT / "conf" / "clip" / "tiny.yaml"), _convert_="all")
@@ -325,9 +261,7 @@ def test_encode_script_end_to_end(tmp_path):
         "shard_size=4",
         "device=cpu",
     ]
-    command = [sys.executable, str(ROOT / "scripts" / "encode.py"), *overrides]
-    first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
+    run_script("encode.py", *overrides, check=True)
 
     clip = load_clip(clip_config, tmp_path)
     dataset = EncodedDataset(tmp_path, "train")
@@ -342,5 +276,5 @@ def test_encode_script_end_to_end(tmp_path):
         torch.stack([dataset[i].codes for i in range(6)]).view(6, 8, 8)[:4],
         vqgan.encode(images[:4]),
     )
-    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert again.returncode == 0 and "nothing to do" in again.stdout
+    load_script("encode.py").encode(compose_config("encode", overrides))
+    assert "nothing to do" in capsys.readouterr().out

@@ -17,12 +17,17 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import make_encoded_run
+from helpers import (
+    TINY,
+    encoded_files,
+    make_encoded_run,
+    read_checkpoint,
+    run_script,
+    save_clip,
+    save_tokenizer,
+)
 from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 from safetensors.torch import load_file
-from test_encode import encoded_files, save_tokenizer
-from test_pipeline import save_clip
-from test_train_tokenizer import TINY, read_checkpoint, run_script
 
 from generator.export import load_generator
 from generator.shards import read_shard

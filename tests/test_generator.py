@@ -2,20 +2,28 @@
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import (
+    CLIP_DIM,
+    GRID,
+    VOCAB,
+    FakeCLIP,
+    fixed_batch_loader,
+    run_script,
+    save_tokenizer,
+    tiny_config,
+    tiny_module,
+    unit,
+    write_images,
+)
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from test_encode import FakeCLIP, save_tokenizer, write_images
-from torch.utils.data import DataLoader
 
 from generator.clip import CLIPConfig, record_encoding_clip
 from generator.conditioning import (
@@ -43,34 +51,11 @@ from tokenizer.data import DataConfig
 from tokenizer.quantizer import QuantizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB, GRID, CLIP_DIM = 64, (8, 8), FakeCLIP.embed_dim
-
-
-def tiny_config(**overrides) -> GPTConfig:
-    return GPTConfig.preset(
-        "tiny", vocab_size=VOCAB, grid_size=GRID, clip_dim=CLIP_DIM, **overrides
-    )
-
-
-def tiny_module(ema_decay: float = 0.0) -> GeneratorModule:
-    torch.manual_seed(0)
-    return GeneratorModule.from_configs(
-        tiny_config(p_uncond=0.0),
-        OptimConfig(lr=3e-3, betas=(0.9, 0.95), warmup_steps=0),
-        ConditionConfig(mode="text"),
-        ema_decay=ema_decay,
-    )
 
 
 def provenance_of(run_dir: Path) -> Provenance:
     return Provenance(
         tokenizer_fingerprint(run_dir / "tokenizer"), FakeCLIP().fingerprint(), "text"
-    )
-
-
-def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
-    return F.normalize(
-        torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)), dim=-1
     )
 
 
@@ -83,16 +68,6 @@ def batch_of(has_text: list[bool], dim: int = CLIP_DIM) -> EncodedSample:
         text_embedding=unit(size, dim, seed=2) * mask[:, None],
         has_text=mask,
         caption=["a caption" if text else "" for text in has_text],
-    )
-
-
-def run_script(name: str, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / name), *overrides],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
     )
 
 
@@ -198,22 +173,6 @@ def test_condition_settings_are_checked():
 
 # ---------------------------------------------------------------------------------------------
 # Training
-
-
-def fixed_batch_loader(size: int = 8) -> DataLoader:
-    """One batch of eight fixed samples, seen again at every step."""
-    torch.manual_seed(0)
-    samples = [
-        EncodedSample(
-            codes=torch.randint(0, VOCAB, (64,)),
-            image_embedding=embedding,
-            text_embedding=embedding,
-            has_text=torch.tensor(True),
-            caption=f"sample {index}",
-        )
-        for index, embedding in enumerate(unit(size, CLIP_DIM, seed=3))
-    ]
-    return DataLoader(samples * 40, batch_size=size)
 
 
 def fit(module: GeneratorModule, steps: int) -> None:

@@ -11,10 +11,15 @@ from typing import Any, NamedTuple
 import lightning as L
 import pytest
 import torch
+from helpers import (
+    TINY_SMALL,
+    compose_config,
+    fixed_batch_loader,
+    random_images,
+    run_script,
+    tiny_module,
+)
 from hydra.utils import instantiate
-from test_clip import TINY_SMALL, images
-from test_configs import compose_config
-from test_generator import fixed_batch_loader, run_script, tiny_module
 from torch.utils.data import DataLoader
 
 from generator.clip import CLIPConfig
@@ -58,7 +63,7 @@ def tokenizer_stage(monkeypatch, bad_steps, value: float, max_nonfinite_steps: i
         return terms._replace(total=poison(terms.total))
 
     monkeypatch.setattr(module.loss, "autoencoder_loss", poisoned)
-    samples = [Sample(image, "") for image in images(4)]
+    samples = [Sample(image, "") for image in random_images(4)]
     return Stage(module, DataLoader(samples * 40, batch_size=4))
 
 
@@ -85,7 +90,9 @@ def clip_stage(monkeypatch, bad_steps, value: float, max_nonfinite_steps: int) -
     poison = nonfinite_at(module, bad_steps, value)
     contrastive = module.loss.forward
     monkeypatch.setattr(module.loss, "forward", lambda *args: poison(contrastive(*args)))
-    batch = CaptionBatch(images(4), ["a red circle", "a blue square", "a green cat", "a tree"])
+    batch = CaptionBatch(
+        random_images(4), ["a red circle", "a blue square", "a green cat", "a tree"]
+    )
     return Stage(module, DataLoader([batch] * 40, batch_size=None))
 
 

@@ -3,22 +3,27 @@
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    compose_config,
+    decompression_bomb_png,
+    huge_header_png,
+    load_script,
+    run_script,
+    save_clip,
+    save_random_generator,
+    save_tokenizer,
+)
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
-from test_data import _decompression_bomb_png, _huge_header_png
-from test_encode import save_tokenizer
 
 import generator.pipeline
-from generator.clip import CLIPConfig, build_small_clip, load_clip, save_trained_clip
+from generator.clip import CLIPConfig, load_clip
 from generator.evaluation import (
     GenerationEvalConfig,
     attribute_right,
@@ -28,41 +33,15 @@ from generator.evaluation import (
     shapes_prompts,
     shapes_sources,
 )
-from generator.export import Provenance, RunMismatchError, load_generator, save_generator
-from generator.gpt import GPT, GPTConfig
+from generator.export import Provenance, RunMismatchError, load_generator
 from generator.pipeline import Generated, Pipeline, Variations, clean_prompt, resolve_device
 from generator.shards import tokenizer_fingerprint
-from tokenizer import VQGAN, shapes
+from tokenizer import shapes
 from tokenizer.data import DataConfig, build_dataset
 from tokenizer.shapes import Scene, ShapeObject, parse_caption
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a small red circle in the center", "a large blue square on the left"]
-
-
-def save_clip(run_dir: Path, seed: int = 0) -> None:
-    config = instantiate(OmegaConf.load(ROOT / "conf" / "clip" / "tiny.yaml"), _convert_="all")
-    torch.manual_seed(seed)
-    save_trained_clip(build_small_clip(config), config, run_dir / "clip")
-
-
-def save_random_generator(run_dir: Path, provenance: Provenance | None = None) -> GPT:
-    """A randomly initialised tiny GPT for the run's tokenizer and CLIP (no training needed)."""
-    vqgan = VQGAN.from_pretrained(run_dir / "tokenizer")
-    clip = load_clip(CLIPConfig(source="trained"), run_dir)
-    config = GPTConfig.preset(
-        "tiny",
-        vocab_size=vqgan.num_codes,
-        grid_size=vqgan.config.grid_size,
-        clip_dim=clip.embed_dim,
-    )
-    torch.manual_seed(0)
-    model = GPT(config)
-    if provenance is None:
-        fingerprint = tokenizer_fingerprint(run_dir / "tokenizer")
-        provenance = Provenance(fingerprint, clip.fingerprint(), "text")
-    save_generator(model, provenance, run_dir / "generator")
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +60,6 @@ def run_copy(run_dir, tmp_path) -> Path:
 def shapes_images(count: int) -> torch.Tensor:
     dataset = build_dataset(DataConfig(num_test=count, image_size=32), "test")
     return torch.stack([dataset[i].image for i in range(count)])  # (B, 3, 32, 32)
-
-
-def run_script(name: str, *overrides: str | bytes) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "scripts" / name), *overrides]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +253,7 @@ def test_image_files_are_read_resized_or_refused(pipeline, tmp_path):
 
 
 def test_image_files_over_the_pixel_limit_are_refused_unread(pipeline, tmp_path):
-    for name, data in (("huge.png", _huge_header_png()), ("bomb.png", _decompression_bomb_png())):
+    for name, data in (("huge.png", huge_header_png()), ("bomb.png", decompression_bomb_png())):
         path = tmp_path / name
         path.write_bytes(data)
         with pytest.raises(ValueError, match=f"Cannot read .*{name} as an image"):
@@ -415,6 +387,7 @@ def test_sample_script_writes_a_grid_and_singles(run_dir, tmp_path):
         "seed=0",
         "device=cpu",
         f"out={out}",
+        check=True,
     )
     paths = [Path(line) for line in result.stdout.strip().splitlines()]
     assert [p.name for p in paths] == ["grid.png", "000.png", "001.png", "002.png"]
@@ -436,21 +409,16 @@ def test_sample_script_takes_any_bytes_as_a_prompt(run_dir, tmp_path):
         "seed=0",
         "device=cpu",
         f"out={tmp_path / 'samples'}",
+        check=True,
     )
     assert "using 'a caf\u00e9 red circle'" in result.stderr
     assert Path(result.stdout.splitlines()[0]) == tmp_path / "samples" / "grid.png"
 
 
-def test_sample_script_defaults_to_a_folder_in_the_run(run_copy):
-    result = run_script(
-        "sample.py",
-        f"run_dir={run_copy}",
-        "prompts=[a red circle,a blue square]",
-        "num_images=2",
-        "seed=1",
-        "device=cpu",
-    )
-    paths = [Path(line) for line in result.stdout.strip().splitlines()]
+def test_sample_script_defaults_to_a_folder_in_the_run(run_copy, capsys):
+    overrides = ["prompts=[a red circle,a blue square]", "num_images=2", "seed=1", "device=cpu"]
+    load_script("sample.py").sample(compose_config("sample", [f"run_dir={run_copy}", *overrides]))
+    paths = [Path(line) for line in capsys.readouterr().out.strip().splitlines()]
     folder = run_copy / "samples" / "a-red-circle-and-1-more" / "seed1"
     assert paths[0] == folder / "grid.png" and len(paths) == 5 and all(p.is_file() for p in paths)
     assert paths[-1].name == "01-001.png"
@@ -467,6 +435,7 @@ def test_variations_script_writes_the_source_beside_its_variations(run_copy, tmp
         "seed=0",
         "keep_rows=2",
         "device=cpu",
+        check=True,
     )
     paths = [Path(line) for line in result.stdout.strip().splitlines()]
     folder = run_copy / "variations" / "my-image" / "seed0"
@@ -474,9 +443,8 @@ def test_variations_script_writes_the_source_beside_its_variations(run_copy, tmp
     assert Image.open(paths[0]).size == (3 * 34 + 2, 36)  # source + 2 variations, 2 px padding
 
 
-def test_evaluate_reports_the_generator(run_copy):
-    result = run_script(
-        "evaluate.py",
+def test_evaluate_reports_the_generator(run_copy, capsys):
+    overrides = [
         f"run_dir={run_copy}",
         "max_images=8",
         "data.num_test=60",
@@ -485,8 +453,10 @@ def test_evaluate_reports_the_generator(run_copy):
         "generation.num_prompts=2",
         "generation.num_sources=2",
         "generation.variations_per_source=2",
-    )
-    report = json.loads(result.stdout[result.stdout.index("{") :])
+    ]
+    load_script("evaluate.py").evaluate(compose_config("evaluate", overrides))
+    stdout = capsys.readouterr().out
+    report = json.loads(stdout[stdout.index("{") :])
     assert report == json.loads((run_copy / "eval.json").read_text())
     assert {"tokenizer", "generator"} <= set(report)
     generated = report["generator"]

@@ -19,9 +19,8 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from helpers import TINY, FakeCLIP, run_script, shapes_config
 from safetensors.torch import load_file, save_file
-from test_encode import FakeCLIP, shapes_config
-from test_train_tokenizer import TINY, run_script
 from torch.nn.modules.module import (
     register_module_buffer_registration_hook,
     register_module_parameter_registration_hook,

@@ -10,32 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, compose_config, load_script, read_checkpoint, run_script
 
 from tokenizer import VQGAN
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "tokenizer=tiny",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "data.num_val=16",
-    "trainer.limit_val_batches=1",
-    "trainer.log_every_n_steps=1",
-]
-
-
-def run_script(name: str, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / name), *overrides],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
-def read_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +48,10 @@ def test_training_exports_a_tokenizer_that_loads(trained_run):
     assert checkpoint["global_step"] == 6
 
 
-def test_rerun_after_completion_resumes_instead_of_starting_over(trained_run):
-    result = run_script(
-        "train_tokenizer.py", f"run_dir={trained_run}", *TINY, "trainer.max_steps=8"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resuming from" in result.stdout
+def test_rerun_after_completion_resumes_instead_of_starting_over(trained_run, capsys):
+    overrides = [f"run_dir={trained_run}", *TINY, "trainer.max_steps=8"]
+    load_script("train_tokenizer.py").train(compose_config("train_tokenizer", overrides))
+    assert "Resuming from" in capsys.readouterr().out
     checkpoint = read_checkpoint(trained_run / "checkpoints" / "tokenizer" / "last.ckpt")
     assert checkpoint["global_step"] == 8
     adam_steps = checkpoint["optimizer_states"][0]["state"][0]["step"]
@@ -152,7 +129,7 @@ def test_evaluate_prints_json_with_the_documented_keys(trained_run):
 
 
 def test_evaluate_adds_clip_retrieval_and_frechet_distance_when_the_run_has_a_clip(
-    trained_run, tmp_path
+    trained_run, tmp_path, capsys
 ):
     from generator.clip import CLIPConfig, build_small_clip, save_trained_clip
 
@@ -171,9 +148,10 @@ def test_evaluate_adds_clip_retrieval_and_frechet_distance_when_the_run_has_a_cl
         text_heads=1,
     )
     save_trained_clip(build_small_clip(config), config, run_dir / "clip")
-    result = run_script("evaluate.py", f"run_dir={run_dir}", "max_images=16", "data.num_workers=0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    printed = json.loads(result.stdout[result.stdout.index("{") :])
+    overrides = [f"run_dir={run_dir}", "max_images=16", "data.num_workers=0"]
+    load_script("evaluate.py").evaluate(compose_config("evaluate", overrides))
+    stdout = capsys.readouterr().out
+    printed = json.loads(stdout[stdout.index("{") :])
     assert printed["tokenizer"]["frechet_distance"] >= 0
     seen = printed["clip_retrieval"]["seen"]
     assert seen["num_images"] > 0
