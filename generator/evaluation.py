@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import permutations
 from statistics import mean
 from typing import NamedTuple
@@ -29,7 +29,8 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from generator.clip import CLIPEncoder
-from generator.pipeline import Pipeline, sampling_arguments
+from generator.pipeline import Pipeline
+from generator.sampling import SamplingOptions
 from tokenizer import shapes
 from tokenizer.data import Sample, ShapesDataset
 from tokenizer.evaluation import FeatureExtractor, pair_group
@@ -260,8 +261,8 @@ def evaluate_guidance(
     use_checker: bool,
 ) -> GuidanceResults:
     """Sample every prompt at one guidance scale, in one batched call, and score the samples."""
-    options = {**sampling_arguments(asdict(config)), "cfg_scale": cfg_scale}
-    generated = pipeline.text_to_image(prompts.prompts, config.images_per_prompt, **options)
+    options = replace(SamplingOptions.from_settings(asdict(config)), cfg_scale=cfg_scale)
+    generated = pipeline.text_to_image(prompts.prompts, config.images_per_prompt, options)
     real = ((prompts.images.float() + 1) / 2).clamp(0, 1)
     accuracy = None
     if use_checker:
@@ -289,8 +290,8 @@ def evaluate_variations(
 ) -> VariationScores:
     """Variations of each source: kept attributes, diversity and CLIP similarity."""
     per_source = config.variations_per_source
-    options = sampling_arguments(asdict(config))
-    varied = pipeline.variations(sources, per_source, keep_rows=config.keep_rows, **options)
+    options = SamplingOptions.from_settings(asdict(config))
+    varied = pipeline.variations(sources, per_source, options, keep_rows=config.keep_rows)
     consistency = by_source = None
     if use_checker:
         source_scenes = shapes.check_batch(varied.sources * 2 - 1)

@@ -14,25 +14,22 @@ place of the CLIP embedding wherever `drop_condition` says so (with probability 
 training, for the whole unconditional half of the batch when sampling).
 
 Sampling runs the prefix once (`prefill`) and then one code at a time (`step`) against a
-preallocated `KVCache`; `forward` is the full pass used for training and as the reference.
-Inside `sampling_mode`, a one-code step (`step_one_code`) calls torch straight on tensors taken
-out of the modules once, with the large weights packed for its few rows on a CPU: at batch 1 a
-step is short enough that calling torch costs as much as computing.
+preallocated `KVCache` (generator/kv_cache.py); `forward` is the full pass used for training
+and as the reference. The sampler's fast one-code step lives apart, in generator/cpu_step.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from generator.kv_cache import KVCache
 from tokenizer.base.configs import checked_config
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -41,13 +38,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": {"dim": 768, "num_layers": 12, "num_heads": 12},
     "large": {"dim": 1024, "num_layers": 24, "num_heads": 16},
 }
-# Sampling on a CPU holds a copy of each weight matrix of at least MIN_PACKED_WEIGHTS entries
-# laid out for products of at most MAX_PACKED_ROWS rows (see Linear.pack); smaller matrices (the
-# tiny preset's) ran faster as they are.
-MAX_PACKED_ROWS = 32
-MIN_PACKED_WEIGHTS = 2**17
-# Sampling's exact GELU of at most this many values runs ATen's kernel (see gelu_by_aten).
-ATEN_GELU_MAX_VALUES = 4096
 
 
 @checked_config("generator")
@@ -125,70 +115,6 @@ class GPTConfig:
         return self.num_prefix_tokens + self.num_codes - 1
 
 
-class KeysValues(NamedTuple):
-    keys: torch.Tensor  # (B, heads, length, head_dim)
-    values: torch.Tensor  # (B, heads, length, head_dim)
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated and filled in place as tokens arrive.
-
-    Every layer writes its new keys and values at `length`, both in one copy; the model calls
-    `advance` once the last layer is done. `length` is a Python int, so the cache never asks
-    the device anything.
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        batch_size: int,
-        num_heads: int,
-        max_len: int,
-        head_dim: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        shape = (num_layers, 2, batch_size, num_heads, max_len, head_dim)
-        self.keys_values = torch.empty(shape, device=device, dtype=dtype)
-        self.layers = list(self.keys_values)  # (2, B, heads, max_len, head_dim) each
-        self.length = 0
-
-    @property
-    def keys(self) -> torch.Tensor:  # (layers, B, heads, max_len, head_dim)
-        return self.keys_values[:, 0]
-
-    @property
-    def values(self) -> torch.Tensor:  # (layers, B, heads, max_len, head_dim)
-        return self.keys_values[:, 1]
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys_values.shape[2]
-
-    @property
-    def max_len(self) -> int:
-        return self.keys_values.shape[4]
-
-    def check_room(self, num_tokens: int) -> None:
-        if self.length + num_tokens > self.max_len:
-            raise ValueError(
-                f"The KV cache holds {self.max_len} tokens and already has {self.length}; "
-                f"it cannot take {num_tokens} more. Make a longer one with model.new_cache."
-            )
-
-    def update(self, layer: int, keys_values: torch.Tensor) -> KeysValues:
-        """Store a layer's new keys and values (2, B, heads, n, head_dim); return all so far."""
-        num_tokens = keys_values.shape[-2]
-        self.check_room(num_tokens)
-        layer_cache = self.layers[layer]
-        layer_cache.narrow(3, self.length, num_tokens).copy_(keys_values)
-        return KeysValues(*layer_cache.narrow(3, 0, self.length + num_tokens).unbind())
-
-    def advance(self, num_tokens: int) -> None:
-        self.length += num_tokens
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """Causal attention of the n newest queries over all keys; (B, heads, n, head_dim)."""
     num_queries, num_keys = q.shape[-2], k.shape[-2]
@@ -202,106 +128,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) 
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask.tril(diagonal=num_cached), dropout_p=dropout_p
     )
-
-
-class ThreadBlocks:
-    """A weight as one block of input rows per thread (k, in / k, out), multiplied as one batched
-    matmul whose k partial products are then summed.
-
-    MKL runs a one-row product on one thread, which reads the weight at about half of what two
-    cores can (see the README's Performance section); torch spreads a batched matmul's blocks
-    over the threads. Split by inputs rather than outputs, every thread reads whole rows of the
-    weight, which stream faster than short ones.
-    """
-
-    def __init__(self, linear: nn.Linear, rows: int) -> None:
-        parts = torch.get_num_threads()
-        while linear.in_features % parts:
-            parts -= 1
-        weight = linear.weight.detach().t()  # (in, out)
-        self.weight = weight.reshape(parts, -1, linear.out_features).contiguous()
-        self.bias = None
-        if linear.bias is not None:  # added once, to the first block's partial product
-            self.bias = linear.bias.new_zeros(parts, 1, linear.out_features)
-            self.bias[0, 0] = linear.bias.detach()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(rows, in) -> (rows, out)."""
-        parts, rows = self.weight.shape[0], x.shape[0]
-        # (k, rows, in / k); a single row needs no transpose
-        x = x.reshape(parts, 1, -1) if rows == 1 else x.reshape(rows, parts, -1).transpose(0, 1)
-        if self.bias is None:
-            partial_products = torch.bmm(x, self.weight)
-        else:
-            partial_products = torch.baddbmm(self.bias, x, self.weight)  # (k, rows, out)
-        return partial_products.sum(0)
-
-
-class OneDNNPacked:
-    """A weight reordered once by oneDNN for products of a few rows.
-
-    MKL's sgemm repacks the weight at every call, which for a few rows costs as much as the
-    product; oneDNN's packed linear layer runs on the packed copy, on every thread.
-    """
-
-    def __init__(self, linear: nn.Linear, rows: int) -> None:
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
-        self.bias = None if linear.bias is None else linear.bias.detach()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(rows, in) -> (rows, out)."""
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-
-def packing(
-    device: torch.device, dtype: torch.dtype, rows: int
-) -> type[ThreadBlocks] | type[OneDNNPacked] | None:
-    """How sampling with `rows` rows a step lays out its large weights on `device`: None, or
-    the class that holds them; measured faster on a CPU in fp32 than its plain products.
-
-    One row runs as ThreadBlocks where there are several threads; 2 to MAX_PACKED_ROWS rows
-    run oneDNN's packed product. GPUs spread one product over their cores by themselves, and a
-    CPU without native bf16 runs batched bf16 matmuls far slower than its one-row product.
-    """
-    if device.type != "cpu" or dtype != torch.float32 or rows > MAX_PACKED_ROWS:
-        return None
-    if rows == 1:
-        return ThreadBlocks if torch.get_num_threads() > 1 else None
-    return OneDNNPacked if torch.backends.mkldnn.is_available() else None
-
-
-class Linear(nn.Linear):
-    """nn.Linear that sampling can give a copy of its weight laid out for products of few rows.
-
-    While `packed` holds one (a ThreadBlocks or OneDNNPacked), inputs of at most
-    MAX_PACKED_ROWS rows are multiplied by it; the copy is not part of the state dict.
-    """
-
-    packed: ThreadBlocks | OneDNNPacked | None = None
-
-    def pack(self, layout: type[ThreadBlocks] | type[OneDNNPacked] | None, rows: int) -> None:
-        """Hold the weight in `layout` (from `packing`) for `rows` rows a product; a matrix of
-        fewer than MIN_PACKED_WEIGHTS entries stays as it is."""
-        if layout is not None and self.weight.numel() >= MIN_PACKED_WEIGHTS:
-            self.packed = layout(self, rows)
-
-    def unpack(self) -> None:
-        self.packed = None
-
-    def few_rows_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """What multiplies (rows, in) by the weight for the rows it was packed for: the packed
-        copy, or F.linear where there is none."""
-        if self.packed is not None:
-            return self.packed
-        weight = self.weight.detach()  # see layer_norm_of
-        bias = None if self.bias is None else self.bias.detach()
-        return lambda x: F.linear(x, weight, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.numel() > MAX_PACKED_ROWS * self.in_features:
-            return super().forward(x)
-        y = self.packed(x.reshape(-1, self.in_features))  # (rows, out)
-        return y.view(*x.shape[:-1], self.out_features)
 
 
 class Dropout(nn.Dropout):
@@ -318,8 +144,8 @@ class SelfAttention(nn.Module):
         self.layer = layer  # index into the KV cache
         self.num_heads = config.num_heads
         self.dropout = config.dropout
-        self.qkv = Linear(config.dim, 3 * config.dim)
-        self.out = Linear(config.dim, config.dim)  # residual projection
+        self.qkv = nn.Linear(config.dim, 3 * config.dim)
+        self.out = nn.Linear(config.dim, config.dim)  # residual projection
         self.out_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -340,8 +166,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         hidden = int(config.mlp_ratio * config.dim)
-        self.up = Linear(config.dim, hidden)
-        self.down = Linear(hidden, config.dim)  # residual projection
+        self.up = nn.Linear(config.dim, hidden)
+        self.down = nn.Linear(hidden, config.dim)  # residual projection
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -363,65 +189,7 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class BlockStep(NamedTuple):
-    """A block's norms and products, taken out of its modules once for GPT.step_one_code."""
-
-    attention_norm: Callable[[torch.Tensor], torch.Tensor]
-    qkv: Callable[[torch.Tensor], torch.Tensor]
-    out: Callable[[torch.Tensor], torch.Tensor]
-    mlp_norm: Callable[[torch.Tensor], torch.Tensor]
-    up: Callable[[torch.Tensor], torch.Tensor]
-    down: Callable[[torch.Tensor], torch.Tensor]
-
-    @classmethod
-    def of(cls, block: Block) -> BlockStep:
-        attention, mlp = block.attention, block.mlp
-        return cls(
-            layer_norm_of(block.attention_norm),
-            attention.qkv.few_rows_product(),
-            attention.out.few_rows_product(),
-            layer_norm_of(block.mlp_norm),
-            mlp.up.few_rows_product(),
-            mlp.down.few_rows_product(),
-        )
-
-
-def layer_norm_of(norm: nn.LayerNorm) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The norm as one call into torch, for sampling's steps: its parameters detached (an
-    nn.Parameter argument sends every call through Python's __torch_function__ check) and
-    passed by position, which torch parses faster than keywords."""
-    shape, eps = norm.normalized_shape, norm.eps
-    weight = None if norm.weight is None else norm.weight.detach()
-    bias = None if norm.bias is None else norm.bias.detach()
-    return lambda x: torch.layer_norm(x, shape, weight, bias, eps)
-
-
-def gelu_by_aten(x: torch.Tensor) -> torch.Tensor:
-    """F.gelu (exact) of x, computed by ATen's own kernel where x holds few values.
-
-    On a CPU, F.gelu hands a contiguous float tensor to oneDNN, whose fixed cost outweighs the
-    arithmetic for one step's few rows: ATen's kernel, given a strided view of the same values,
-    made a whole `small` step 4% faster. From about ATEN_GELU_MAX_VALUES values on, oneDNN's
-    arithmetic is the faster.
-    """
-    few = x.numel() <= ATEN_GELU_MAX_VALUES and x.numel() % 2 == 0
-    if x.device.type != "cpu" or not few or not x.is_contiguous():
-        return F.gelu(x)
-    return F.gelu(x.view(-1, 2).t()).t().view(x.shape)
-
-
-class SamplingState(NamedTuple):
-    """What every sampling step reuses, held by GPT.sampling_mode."""
-
-    positions: torch.Tensor  # (T, C), the position embedding of every code
-    blocks: list[BlockStep]
-    norm: Callable[[torch.Tensor], torch.Tensor]
-    head: Callable[[torch.Tensor], torch.Tensor]
-
-
 class GPT(nn.Module):
-    sampling: SamplingState | None = None  # held by sampling_mode
-
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
@@ -440,7 +208,7 @@ class GPT(nn.Module):
         self.embedding_dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.num_layers))
         self.norm = nn.LayerNorm(config.dim)
-        self.head = Linear(config.dim, config.vocab_size, bias=False)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -498,11 +266,15 @@ class GPT(nn.Module):
         )
         return prefix + self.prefix_position  # (B, P, C)
 
-    def embed_codes(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Embed codes (B, n) that sit at raster positions start .. start + n - 1; (B, n, C)."""
-        if self.sampling is not None:
-            positions = self.sampling.positions
-        else:
+    def embed_codes(
+        self, codes: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embed codes (B, n) that sit at raster positions start .. start + n - 1; (B, n, C).
+
+        `positions` (T, C) are `position_embeddings()` computed once, for callers that embed
+        one code at a time.
+        """
+        if positions is None:
             positions = self.position_embeddings()
         return self.token_embedding(codes) + positions[start : start + codes.shape[1]]
 
@@ -545,32 +317,6 @@ class GPT(nn.Module):
             dtype=self.head.weight.dtype,
         )
 
-    @contextmanager
-    def sampling_mode(self, rows: int) -> Iterator[None]:
-        """Hold what every step of sampling `rows` rows reuses, until exit; the weights must not
-        change meanwhile.
-
-        That is the position embeddings of every code and, where `packing` says so, a second
-        copy of the large weight matrices laid out for products of `rows` rows.
-        """
-        linears = [module for module in self.modules() if isinstance(module, Linear)]
-        layout = packing(self.head.weight.device, self.head.weight.dtype, rows)
-        try:
-            with torch.no_grad():
-                for linear in linears:
-                    linear.pack(layout, rows)
-                self.sampling = SamplingState(
-                    self.position_embeddings(),
-                    [BlockStep.of(block) for block in self.blocks],
-                    layer_norm_of(self.norm),
-                    self.head.few_rows_product(),
-                )
-            yield
-        finally:
-            self.sampling = None
-            for linear in linears:
-                linear.unpack()
-
     def prefill(
         self,
         clip_embedding: torch.Tensor,
@@ -593,31 +339,8 @@ class GPT(nn.Module):
         """Feed the next codes (B, n), usually n = 1; return the logits (B, vocab) of the one after."""
         if cache.length < self.config.num_prefix_tokens:
             raise ValueError("step needs a cache that has seen the prefix; call prefill first.")
-        if self.sampling is not None and codes.shape[1] == 1 and not self.training:
-            return self.step_one_code(codes[:, 0], cache)
         x = self.embed_codes(codes, start=cache.length - self.config.num_prefix_tokens)
         return self.head(self._transform(x, cache)[:, -1])
-
-    def step_one_code(self, codes: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """`step` for one code (B,) per row in eval mode, inside `sampling_mode`; (B, vocab).
-
-        The blocks' arithmetic, called straight on tensors taken out of the modules once: a
-        one-code step of a small model on a CPU spends as long calling torch as computing, and
-        sampling is nothing but these steps.
-        """
-        cache.check_room(1)
-        sampling, position, rows = self.sampling, cache.length, codes.shape[0]
-        x = self.embed_codes(codes[:, None], start=position - self.config.num_prefix_tokens)
-        x = x.view(rows, -1)  # (B, C)
-        for layer, block in enumerate(sampling.blocks):
-            qkv = block.qkv(block.attention_norm(x)).view(rows, 3, self.config.num_heads, 1, -1)
-            # (B, heads, n, head_dim) each, n = position + 1
-            keys, values = cache.update(layer, qkv[:, 1:].transpose(0, 1))
-            y = F.scaled_dot_product_attention(qkv[:, 0], keys, values)
-            x = x + block.out(y.reshape(rows, -1))
-            x = x + block.down(gelu_by_aten(block.up(block.mlp_norm(x))))
-        cache.advance(1)
-        return sampling.head(sampling.norm(x))
 
     def _transform(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Embeddings (B, n, C) through the blocks and the final norm; (B, n, C)."""

@@ -52,11 +52,6 @@ def read_pil(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1], clamped, float32."""
-    return ((images.float() + 1) / 2).clamp(0, 1)
-
-
 def fit_to_size(images: torch.Tensor, size: int, what: str = "the image") -> torch.Tensor:
     """Centre-crop (B, 3, H, W) images to a square and resize them to `size`, with a note.
 

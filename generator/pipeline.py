@@ -9,7 +9,7 @@ Loading reads RUN/tokenizer, the CLIP the run used (RUN/clip, or the one a confi
 RUN/generator, and refuses them unless the generator was trained on this tokenizer's codes and
 this CLIP's embeddings. Every input is checked before any sampling: prompts are cleaned of
 control characters and invalid UTF-8, cut to CLIP's context with a warning, and refused when
-empty; sampling parameters are checked by `check_sampling_parameters`; source images of
+empty; sampling options are checked by `SamplingOptions.check`; source images of
 another size are cropped and resized with a warning, unreadable files are refused.
 
 Text and image embeddings share CLIP's space, so one generator serves both: text-to-image
@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import unicodedata
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -34,11 +34,14 @@ from PIL import Image
 from generator.clip import CLIPConfig, CLIPEncoder, load_clip
 from generator.export import Provenance, check_belongs_together, load_generator
 from generator.gpt import GPT
-from generator.images import fit_to_size, read_image, read_pil, to_unit
-from generator.sampling import check_sampling_parameters, generate
+from generator.images import fit_to_size, read_image, read_pil
+from generator.sampling import SamplingOptions, generate
+from tokenizer.base.run_dir import RunDir, config_file
+from tokenizer.evaluation import to_unit_range
 from tokenizer.vqgan import VQGAN
 
-DEFAULT_CFG_SCALE = 3.0
+# The pipeline samples with guidance unless told otherwise: what text-to-image users expect.
+DEFAULT_OPTIONS = SamplingOptions(cfg_scale=3.0)
 DEFAULT_BATCH_SIZE = 256  # images sampled at once; more are sampled in chunks of this many
 
 ImageSource = str | Path | Image.Image | torch.Tensor
@@ -62,38 +65,12 @@ class Sampled(NamedTuple):
     images: torch.Tensor  # (N, 3, H, W) float
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How codes are drawn; see generator/sampling.py for each parameter."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    cfg_scale: float = DEFAULT_CFG_SCALE
-    seed: int | None = None
-    rerank: int = 0  # candidates per image, the best by CLIP kept; 0 or 1: no reranking
-
-    @property
-    def candidates(self) -> int:
-        return max(self.rerank, 1)
-
-
-def sampling_arguments(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The `SamplingOptions` a config (any mapping) sets, as keyword arguments of
-    `Pipeline.text_to_image` and `Pipeline.variations`."""
-    return {
-        field.name: settings[field.name]
-        for field in fields(SamplingOptions)
-        if field.name in settings
-    }
-
-
 def run_clip_config(run_dir: Path) -> CLIPConfig:
     """The CLIP of a run that trained its own (RUN/clip); other runs must name theirs."""
-    if (run_dir / "clip" / "config.json").is_file():
+    if config_file(RunDir(run_dir).clip).is_file():
         return CLIPConfig(source="trained")
     raise FileNotFoundError(
-        f"{run_dir} holds no CLIP trained here ({run_dir / 'clip'} is missing): name the CLIP "
+        f"{run_dir} holds no CLIP trained here ({RunDir(run_dir).clip} is missing): name the CLIP "
         "the generator was trained with, as clip=<config> on the command line (the one "
         "scripts/encode.py used, e.g. clip=openai_vit_b32) or clip_config=CLIPConfig(...)."
     )
@@ -153,8 +130,8 @@ class Pipeline:
         belong together. The CLIP is `clip_config` where given, else the one the generator's
         provenance names, else the run's own (RUN/clip)."""
         run_dir = Path(run_dir)
-        vqgan = VQGAN.from_pretrained(run_dir / "tokenizer", device=device)
-        model, provenance = load_generator(run_dir / "generator", device=device)
+        vqgan = VQGAN.from_pretrained(RunDir(run_dir).tokenizer, device=device)
+        model, provenance = load_generator(RunDir(run_dir).generator, device=device)
         clip_config = clip_config or provenance.clip or run_clip_config(run_dir)
         clip = load_clip(clip_config, run_dir, device)
         check_belongs_together(provenance, run_dir, clip.fingerprint(), config=model.config)
@@ -175,16 +152,9 @@ class Pipeline:
         self,
         prompts: str | Sequence[str],
         num_images: int = 1,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        cfg_scale: float = DEFAULT_CFG_SCALE,
-        seed: int | None = None,
-        rerank: int = 0,
+        options: SamplingOptions = DEFAULT_OPTIONS,
     ) -> Generated:
         """`num_images` images for each prompt, conditioned on its CLIP text embedding."""
-        options = SamplingOptions(temperature, top_k, top_p, cfg_scale, seed, rerank)
         self.check_options(options, num_images)
         prompts = self.prepare_prompts(prompts)
         conditions = self.clip.encode_text(prompts).repeat_interleave(num_images, dim=0)
@@ -196,13 +166,8 @@ class Pipeline:
         self,
         images: ImageSource | Sequence[ImageSource],
         num_images: int = 1,
+        options: SamplingOptions = DEFAULT_OPTIONS,
         *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        cfg_scale: float = DEFAULT_CFG_SCALE,
-        seed: int | None = None,
-        rerank: int = 0,
         keep_rows: int = 0,
     ) -> Variations:
         """`num_images` variations of each source image, conditioned on its CLIP image embedding.
@@ -210,7 +175,6 @@ class Pipeline:
         Sources are image files, PIL images, or tensors (3, H, W) / (B, 3, H, W) in [-1, 1].
         `keep_rows=K` keeps the top K rows of each source's codes and samples the rest.
         """
-        options = SamplingOptions(temperature, top_k, top_p, cfg_scale, seed, rerank)
         self.check_options(options, num_images)
         height = self.vqgan.config.grid_size[0]
         if isinstance(keep_rows, bool) or not isinstance(keep_rows, int):
@@ -228,7 +192,7 @@ class Pipeline:
             kept = kept.repeat_interleave(num_images, dim=0)
         codes, varied = self.sample(conditions, options, kept)
         index = torch.arange(sources.shape[0]).repeat_interleave(num_images)
-        return Variations(varied, codes, to_unit(sources).cpu(), index)
+        return Variations(varied, codes, to_unit_range(sources).cpu(), index)
 
     # -----------------------------------------------------------------------------------------
     # Checking inputs, before any work
@@ -236,20 +200,7 @@ class Pipeline:
     def check_options(self, options: SamplingOptions, num_images: int) -> None:
         """Raise a ValueError that says what to do for any option sampling cannot use."""
         _check_count("num_images", num_images, 1)
-        _check_count("rerank", options.rerank, 0)
-        if options.seed is not None and (
-            isinstance(options.seed, bool) or not isinstance(options.seed, int)
-        ):
-            raise ValueError(f"seed must be an integer or None, got {options.seed!r}.")
-        check_sampling_parameters(
-            self.model,
-            torch.zeros(1, self.model.config.clip_dim),
-            temperature=options.temperature,
-            top_k=options.top_k,
-            top_p=options.top_p,
-            cfg_scale=options.cfg_scale,
-            seed=options.seed,
-        )
+        options.check(self.model.config.vocab_size)
 
     def prepare_prompts(self, prompts: str | bytes | Sequence[str | bytes]) -> list[str]:
         """Cleaned prompts that fit CLIP's context; a clear error for an empty one."""
@@ -358,7 +309,7 @@ class Pipeline:
                 conditions[chunk], prefix, options, generator
             )
             codes.append(chunk_codes.cpu())
-            images.append(to_unit(chunk_images).cpu())
+            images.append(to_unit_range(chunk_images).cpu())
         return Sampled(torch.cat(codes), torch.cat(images))
 
     def _sample_chunk(
@@ -373,16 +324,14 @@ class Pipeline:
         repeated = conditions.repeat_interleave(candidates, dim=0)
         if prefix_codes is not None:
             prefix_codes = prefix_codes.repeat_interleave(candidates, dim=0)
+        # (N * candidates, T); the seed is already in `generator`
         flat = generate(
             self.model,
             repeated,
+            replace(options, seed=None),
             prefix_codes=prefix_codes,
-            temperature=options.temperature,
-            top_k=options.top_k,
-            top_p=options.top_p,
-            cfg_scale=options.cfg_scale,
             generator=generator,
-        )  # (N * candidates, T)
+        )
         codes = flat.view(-1, *self.vqgan.config.grid_size)
         images = self.vqgan.decode(codes)  # (N * candidates, 3, H, W) in [-1, 1]
         if candidates == 1:

@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from generator.export import WEIGHTS_FILE
 from generator.images import to_uint8
-from generator.pipeline import Pipeline
+from generator.pipeline import DEFAULT_OPTIONS, Pipeline
+from generator.sampling import SamplingOptions
 from tokenizer.base.files import atomic_write_text
+from tokenizer.base.run_dir import RunDir, weights_file
 from tokenizer.shapes import check, parse_caption, scene_matches
 from tokenizer.vqgan import VQGAN
 
-REPORT_FILE = "report.html"
 CURVE_STAGES = ("tokenizer", "clip", "generator")
 MAX_CURVES = 6  # per stage
 DISPLAY_SIZE = 96  # px on the page; small images are scaled up without smoothing
@@ -126,28 +126,30 @@ def headline_numbers(results: dict[str, Any]) -> dict[str, str]:
     return {name: f"{100 * value:.1f}%" for name, value in found.items() if value is not None}
 
 
-def read_results(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "eval.json"
+def read_results(run: RunDir) -> dict[str, Any] | None:
+    path = run.eval_file
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def table_rows(values: dict[str, Any], name_cell: str) -> str:
+    """One row a value: its name in a `name_cell` ("th" or "td"), then the value as given."""
+    return "".join(
+        f"<tr><{name_cell}>{html.escape(name)}</{name_cell}><td class='value'>{value}</td></tr>"
+        for name, value in values.items()
+    )
 
 
 def headlines_section(results: dict[str, Any] | None) -> str:
     if results is None:
         return missing("evaluation", "evaluate")
-    rows = "".join(
-        f"<tr><th>{html.escape(name)}</th><td class='value'>{value}</td></tr>"
-        for name, value in headline_numbers(results).items()
-    )
-    return f"<table>{rows}</table>"
+    return f"<table>{table_rows(headline_numbers(results), 'th')}</table>"
 
 
 def all_numbers_section(results: dict[str, Any] | None) -> str:
     if results is None:
         return missing("evaluation", "evaluate")
-    cells = "".join(
-        f"<tr><td>{html.escape(key)}</td><td class='value'>{format_number(value)}</td></tr>"
-        for key, value in flatten(results).items()
-    )
+    numbers = {key: format_number(value) for key, value in flatten(results).items()}
+    cells = table_rows(numbers, "td")
     return (
         "<details><summary>every number in eval.json</summary>"
         f"<table><tr><th>metric</th><th>value</th></tr>{cells}</table></details>"
@@ -180,9 +182,9 @@ def verdict(image: torch.Tensor, prompt: str) -> str:
 
 
 def text_to_image_section(
-    pipeline: Pipeline, prompts: Sequence[str], num_images: int, sampling: dict[str, Any]
+    pipeline: Pipeline, prompts: Sequence[str], num_images: int, options: SamplingOptions
 ) -> str:
-    generated = pipeline.text_to_image(list(prompts), num_images, **sampling)
+    generated = pipeline.text_to_image(list(prompts), num_images, options)
     rows = []
     for index, prompt in enumerate(prompts):
         images = generated.images[index * num_images : (index + 1) * num_images]
@@ -192,9 +194,9 @@ def text_to_image_section(
 
 
 def variations_section(
-    pipeline: Pipeline, sources: torch.Tensor, num_images: int, sampling: dict[str, Any]
+    pipeline: Pipeline, sources: torch.Tensor, num_images: int, options: SamplingOptions
 ) -> str:
-    varied = pipeline.variations(sources, num_images, **sampling)
+    varied = pipeline.variations(sources, num_images, options)
     rows = []
     for index, source in enumerate(varied.sources):
         images = varied.images[varied.source_index == index]
@@ -241,10 +243,10 @@ def svg_plot(title: str, points: list[tuple[float, float]], width=320, height=18
     )
 
 
-def curves_section(run_dir: Path) -> str:
+def curves_section(run: RunDir) -> str:
     parts = []
     for stage in CURVE_STAGES:
-        path = run_dir / "logs" / stage / "metrics.csv"
+        path = run.logs(stage) / "metrics.csv"
         if not path.is_file():
             continue
         plots = "".join(svg_plot(name, points) for name, points in read_curves(path).items())
@@ -262,34 +264,32 @@ def write_report(
     prompts: Sequence[str],
     num_images: int = 8,
     num_sources: int = 4,
-    sampling: dict[str, Any] | None = None,
+    options: SamplingOptions = DEFAULT_OPTIONS,
     device: str | torch.device = "cpu",
 ) -> Path:
     """Write RUN/report.html from what the run directory holds; `test_images` (B, 3, H, W) in
-    [-1, 1] are the originals to reconstruct, the first `num_sources` also varied. `sampling`
-    holds the keyword arguments of `Pipeline.text_to_image` (seed, cfg_scale, temperature...)."""
-    sampling = sampling or {}
-    run_dir = Path(run_dir)
-    results = read_results(run_dir)
+    [-1, 1] are the originals to reconstruct, the first `num_sources` also varied, both sampled with `options`."""
+    run_dir, run = Path(run_dir), RunDir(run_dir)
+    results = read_results(run)
     sections = [("Evaluation", headlines_section(results))]
-    if (run_dir / "tokenizer" / WEIGHTS_FILE).is_file():
-        vqgan = VQGAN.from_pretrained(run_dir / "tokenizer", device=device).eval()
+    if weights_file(run.tokenizer).is_file():
+        vqgan = VQGAN.from_pretrained(run.tokenizer, device=device).eval()
         sections.append(
             ("Originals and reconstructions", reconstructions_section(vqgan, test_images))
         )
     else:
         sections.append(("Originals and reconstructions", missing("tokenizer", "train_tokenizer")))
-    if (run_dir / "generator" / WEIGHTS_FILE).is_file():
+    if weights_file(run.generator).is_file():
         pipeline = Pipeline.from_run_dir(run_dir, device=device)
         sections.append(
-            ("Text to image", text_to_image_section(pipeline, prompts, num_images, sampling))
+            ("Text to image", text_to_image_section(pipeline, prompts, num_images, options))
         )
         sources = test_images[:num_sources]
-        sections.append(("Variations", variations_section(pipeline, sources, num_images, sampling)))
+        sections.append(("Variations", variations_section(pipeline, sources, num_images, options)))
     else:
         for title in ("Text to image", "Variations"):
             sections.append((title, missing("generator", "train_generator")))
-    sections.append(("Training curves", curves_section(run_dir)))
+    sections.append(("Training curves", curves_section(run)))
     sections.append(("All evaluation numbers", all_numbers_section(results)))
     body = "".join(f"<h2>{title}</h2>{content}" for title, content in sections)
     page = (
@@ -297,4 +297,4 @@ def write_report(
         f"</title><style>{STYLE}</style></head><body><h1>Run report</h1>"
         f"<p>{html.escape(str(run_dir.resolve()))}</p>{body}</body></html>\n"
     )
-    return atomic_write_text(run_dir / REPORT_FILE, page)
+    return atomic_write_text(run.report_file, page)

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from generator.data import EncodedDataset
 from generator.gpt import GPT
 from generator.module import GeneratorModule
-from generator.sampling import generate
+from generator.sampling import SamplingOptions, generate
 from tokenizer.base.files import atomic_write, atomic_write_text
 from tokenizer.base.training import whole_module
 from tokenizer.evaluation import to_unit_range
@@ -40,6 +40,9 @@ def sample_prompts(dataset: EncodedDataset, count: int) -> SamplePrompts:
     return SamplePrompts(torch.stack(embeddings), captions)
 
 
+GUIDED_SEED_0 = SamplingOptions(cfg_scale=3.0, seed=0)
+
+
 class SampleGrid(Callback):
     def __init__(
         self,
@@ -48,8 +51,7 @@ class SampleGrid(Callback):
         directory: str | Path,
         every_n_steps: int,
         per_prompt: int = 2,
-        cfg_scale: float = 3.0,
-        seed: int = 0,
+        options: SamplingOptions = GUIDED_SEED_0,
     ) -> None:
         if every_n_steps < 1 or per_prompt < 1:
             raise ValueError("samples.every_n_steps and samples.per_prompt must be at least 1.")
@@ -57,7 +59,7 @@ class SampleGrid(Callback):
         self.prompts = prompts
         self.directory = Path(directory)
         self.every_n_steps, self.per_prompt = every_n_steps, per_prompt
-        self.cfg_scale, self.seed = cfg_scale, seed
+        self.options = options
         self.tokenizer: VQGAN | None = None
         self.last_step = -1
 
@@ -94,6 +96,6 @@ class SampleGrid(Callback):
         if self.tokenizer is None:
             self.tokenizer = VQGAN.from_pretrained(self.tokenizer_dir, device=device)
         embeddings = self.prompts.embeddings.to(device).repeat(self.per_prompt, 1)
-        codes = generate(model, embeddings, cfg_scale=self.cfg_scale, seed=self.seed)
+        codes = generate(model, embeddings, self.options)
         images = self.tokenizer.decode(codes.view(-1, *model.config.grid_size))
         return torchvision.utils.make_grid(to_unit_range(images), nrow=len(self.prompts.captions))

@@ -21,13 +21,80 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import NamedTuple
+from dataclasses import dataclass, fields, replace
+from typing import Any, NamedTuple
 
 import torch
 
+from generator.cpu_step import OneCodeStep
 from generator.gpt import GPT
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How codes are drawn; every sampling entry point takes one (see the module docstring).
+
+    The defaults draw from the plain conditional model; the pipeline's defaults add guidance.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None  # keep the k most likely codes; None keeps every code
+    top_p: float | None = None  # keep the nucleus of this mass; None keeps every code
+    cfg_scale: float = 1.0  # 1: no guidance, 0: unconditional, larger: follow the condition
+    seed: int | None = None
+    rerank: int = 0  # the pipeline's: candidates per image, the best by CLIP kept; 0 or 1: none
+
+    @property
+    def candidates(self) -> int:
+        return max(self.rerank, 1)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Mapping[str, Any], defaults: SamplingOptions | None = None
+    ) -> SamplingOptions:
+        """`defaults` with the options a config (any mapping) sets; other keys are ignored."""
+        given = {f.name: settings[f.name] for f in fields(cls) if f.name in settings}
+        return replace(defaults or cls(), **given)
+
+    def check(self, vocab_size: int) -> None:
+        """Raise a ValueError that says what to do for any option sampling cannot use."""
+        if not (_is_number(self.temperature) and self.temperature > 0):
+            raise ValueError(
+                f"temperature must be a positive number, got {self.temperature}; "
+                "use top_k=1 for greedy decoding."
+            )
+        if self.top_k is not None and not (_is_int(self.top_k) and 1 <= self.top_k <= vocab_size):
+            raise ValueError(
+                f"top_k must be an integer from 1 to the vocabulary size {vocab_size}, got "
+                f"{self.top_k!r}; pass top_k=None to keep every code."
+            )
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"top_p must be in (0, 1], got {self.top_p}; pass top_p=None to keep the whole "
+                "distribution."
+            )
+        if not (_is_number(self.cfg_scale) and self.cfg_scale >= 0):
+            raise ValueError(
+                f"cfg_scale must be a number >= 0, got {self.cfg_scale}; use 1 for no guidance, "
+                "0 to ignore the condition, and about 1.5 to 5 to follow it more closely."
+            )
+        if not (_is_int(self.rerank) and self.rerank >= 0):
+            raise ValueError(f"rerank must be an integer of at least 0, got {self.rerank!r}.")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}.")
+
+
+PLAIN = SamplingOptions()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def filter_logits(
@@ -52,17 +119,14 @@ def filter_logits(
 
 def sample_from_logits(
     logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    options: SamplingOptions = PLAIN,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Draw one code per row of logits (B, vocab) after temperature and filtering; (B,) long."""
     logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logits = filter_logits(logits, top_k=top_k, top_p=top_p)
+    if options.temperature != 1.0:
+        logits = logits / options.temperature
+    logits = filter_logits(logits, top_k=options.top_k, top_p=options.top_p)
     cumulative = logits.softmax(dim=-1).cumsum_(dim=-1)  # (B, vocab)
     total = cumulative[:, -1:]  # 1 up to rounding
     # A filtered code adds 0, so the first sum above the draw is never one. Rounding can lift
@@ -98,14 +162,29 @@ class NextCodeLogits(ABC):
     """Logits of the next code for the caller's B images, guidance already applied.
 
     Under guidance the model sees 2B rows: the conditional batch, then its unconditional copy.
+    `prefix_codes` (B, K) are codes already chosen, fed before the first code to sample.
     """
 
-    def __init__(self, model: GPT, clip_embedding: torch.Tensor, cfg_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        clip_embedding: torch.Tensor,
+        cfg_scale: float = 1.0,
+        prefix_codes: torch.Tensor | None = None,
+    ) -> None:
         self.model = model
         self.cfg_scale = cfg_scale
         self.guided = cfg_scale != 1.0
         self.condition = batch_condition(clip_embedding, self.guided)
         self.rows = self.condition.clip_embedding.shape[0]  # B, or 2B under guidance
+        self.prefix_codes = None
+        if prefix_codes is not None and prefix_codes.shape[1]:
+            self.prefix_codes = self._both_halves(prefix_codes)  # (B', K)
+        self.prepare()
+
+    @abstractmethod
+    def prepare(self) -> None:
+        """Allocate what the steps reuse."""
 
     @abstractmethod
     def start(self) -> torch.Tensor:
@@ -123,50 +202,36 @@ class NextCodeLogits(ABC):
 
 
 class CachedLogits(NextCodeLogits):
-    """Runs the prefix (and any given codes) once, then one code per step against a KV cache."""
+    """Runs the prefix (and any given codes) once, then one code per step against a KV cache,
+    through a `OneCodeStep` built for this call's rows (the model must stay in eval mode)."""
 
-    def __init__(
-        self,
-        model: GPT,
-        clip_embedding: torch.Tensor,
-        cfg_scale: float = 1.0,
-        prefix_codes: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(model, clip_embedding, cfg_scale)
-        self.prefix_codes = prefix_codes
-        self.cache = model.new_cache(self.rows)
+    def prepare(self) -> None:
+        self.cache = self.model.new_cache(self.rows)
+        self.one_code_step = OneCodeStep(self.model, self.rows)
 
     def start(self) -> torch.Tensor:
-        codes = None
-        if self.prefix_codes is not None and self.prefix_codes.shape[1]:
-            codes = self._both_halves(self.prefix_codes)
         clip_embedding, drop_condition = self.condition
-        logits = self.model.prefill(clip_embedding, self.cache, drop_condition, codes=codes)
+        logits = self.model.prefill(clip_embedding, self.cache, drop_condition, self.prefix_codes)
         return self._mix(logits)
 
     def advance(self, codes: torch.Tensor) -> torch.Tensor:
-        logits = self.model.step(self._both_halves(codes)[:, None], self.cache)
-        return self._mix(logits)
+        return self._mix(self.one_code_step(self._both_halves(codes), self.cache))
 
 
 class RecomputedLogits(NextCodeLogits):
     """The naive baseline: a full forward pass over every code so far, for every new code."""
 
-    def __init__(
-        self,
-        model: GPT,
-        clip_embedding: torch.Tensor,
-        cfg_scale: float = 1.0,
-        prefix_codes: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(model, clip_embedding, cfg_scale)
+    def prepare(self) -> None:
         self.codes = torch.zeros(  # (B', T); the slot after the last code is a placeholder
-            self.rows, model.config.num_codes, dtype=torch.long, device=clip_embedding.device
+            self.rows,
+            self.model.config.num_codes,
+            dtype=torch.long,
+            device=self.model.head.weight.device,
         )
         self.length = 0
-        if prefix_codes is not None:
-            self.length = prefix_codes.shape[1]
-            self.codes[:, : self.length] = self._both_halves(prefix_codes)
+        if self.prefix_codes is not None:
+            self.length = self.prefix_codes.shape[1]
+            self.codes[:, : self.length] = self.prefix_codes
 
     def start(self) -> torch.Tensor:
         return self._next_logits()
@@ -185,61 +250,32 @@ class RecomputedLogits(NextCodeLogits):
 def generate(
     model: GPT,
     clip_embedding: torch.Tensor,
+    options: SamplingOptions = PLAIN,
     *,
     prefix_codes: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    cfg_scale: float = 1.0,
     generator: torch.Generator | None = None,
-    seed: int | None = None,
 ) -> torch.Tensor:
     """Sample codes (B, T) for CLIP embeddings (B, E), with the KV cache.
 
     prefix_codes (B, K) are kept as the first K codes (e.g. the top rows of an image, for
-    variations) and the rest is sampled. Pass `seed` or a `torch.Generator` on the model's
-    device for reproducible samples; with neither, torch's global generator is used. The model
-    runs in eval mode and is put back in its previous mode afterwards.
+    variations) and the rest is sampled. Set `options.seed`, or pass a `torch.Generator` on
+    the model's device, for reproducible samples; with neither, torch's global generator is
+    used. `options.rerank` is the pipeline's and is not read here. The model runs in eval mode
+    and is put back in its previous mode afterwards.
     """
-    return _generate(
-        CachedLogits,
-        model,
-        clip_embedding,
-        prefix_codes=prefix_codes,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        cfg_scale=cfg_scale,
-        generator=generator,
-        seed=seed,
-    )
+    return _generate(CachedLogits, model, clip_embedding, options, prefix_codes, generator)
 
 
 def generate_naive(
     model: GPT,
     clip_embedding: torch.Tensor,
+    options: SamplingOptions = PLAIN,
     *,
     prefix_codes: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    cfg_scale: float = 1.0,
     generator: torch.Generator | None = None,
-    seed: int | None = None,
 ) -> torch.Tensor:
     """`generate` without the KV cache: the baseline it must match, code for code."""
-    return _generate(
-        RecomputedLogits,
-        model,
-        clip_embedding,
-        prefix_codes=prefix_codes,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        cfg_scale=cfg_scale,
-        generator=generator,
-        seed=seed,
-    )
+    return _generate(RecomputedLogits, model, clip_embedding, options, prefix_codes, generator)
 
 
 @torch.inference_mode()
@@ -247,26 +283,12 @@ def _generate(
     logits_source: type[CachedLogits] | type[RecomputedLogits],
     model: GPT,
     clip_embedding: torch.Tensor,
-    *,
+    options: SamplingOptions,
     prefix_codes: torch.Tensor | None,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    cfg_scale: float,
     generator: torch.Generator | None,
-    seed: int | None,
 ) -> torch.Tensor:
-    check_sampling_parameters(
-        model,
-        clip_embedding,
-        prefix_codes=prefix_codes,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        cfg_scale=cfg_scale,
-        generator=generator,
-        seed=seed,
-    )
+    options.check(model.config.vocab_size)
+    check_inputs(model, clip_embedding, prefix_codes, generator, options.seed)
     weight = model.head.weight
     clip_embedding = clip_embedding.to(weight.device, weight.dtype)
     batch_size, num_codes = clip_embedding.shape[0], model.config.num_codes
@@ -278,16 +300,14 @@ def _generate(
         codes[:, :num_given] = prefix_codes
     if num_given == num_codes:
         return codes
-    if seed is not None:
-        generator = torch.Generator(weight.device).manual_seed(seed)
+    if options.seed is not None:
+        generator = torch.Generator(weight.device).manual_seed(options.seed)
 
-    source = logits_source(model, clip_embedding, cfg_scale, prefix_codes)
-    with _eval_mode(model), model.sampling_mode(source.rows):
+    with _eval_mode(model):
+        source = logits_source(model, clip_embedding, options.cfg_scale, prefix_codes)
         logits = source.start()  # (B, vocab)
         for t in range(num_given, num_codes):
-            codes[:, t] = sample_from_logits(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            )
+            codes[:, t] = sample_from_logits(logits, options, generator)
             if t + 1 < num_codes:
                 logits = source.advance(codes[:, t])
     return codes
@@ -303,41 +323,15 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def check_sampling_parameters(
+def check_inputs(
     model: GPT,
     clip_embedding: torch.Tensor,
-    *,
     prefix_codes: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    cfg_scale: float = 1.0,
     generator: torch.Generator | None = None,
     seed: int | None = None,
 ) -> None:
-    """Raise a ValueError that says what to do for any parameter `generate` cannot use."""
+    """Raise a ValueError that says what to do for an input `generate` cannot use."""
     config = model.config
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(
-            f"temperature must be a positive number, got {temperature}; "
-            "use top_k=1 for greedy decoding."
-        )
-    if top_k is not None and not (
-        isinstance(top_k, int) and not isinstance(top_k, bool) and 1 <= top_k <= config.vocab_size
-    ):
-        raise ValueError(
-            f"top_k must be an integer from 1 to the vocabulary size {config.vocab_size}, got "
-            f"{top_k!r}; pass top_k=None to keep every code."
-        )
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(
-            f"top_p must be in (0, 1], got {top_p}; pass top_p=None to keep the whole distribution."
-        )
-    if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
-        raise ValueError(
-            f"cfg_scale must be a number >= 0, got {cfg_scale}; use 1 for no guidance, "
-            "0 to ignore the condition, and about 1.5 to 5 to follow it more closely."
-        )
     if clip_embedding.ndim != 2 or clip_embedding.shape[1] != config.clip_dim:
         raise ValueError(
             f"clip_embedding must have shape (batch, {config.clip_dim}), got "

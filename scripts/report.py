@@ -7,10 +7,12 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from generator.evaluation import first_images
+from generator.pipeline import DEFAULT_OPTIONS
 from generator.report import write_report
+from generator.sampling import SamplingOptions
 from tokenizer import VQGAN
 from tokenizer.base.cli import run_command
 from tokenizer.data import ImageDataModule
@@ -28,7 +30,7 @@ def report(cfg: DictConfig) -> None:
         list(cfg.prompts),
         num_images=cfg.num_images,
         num_sources=cfg.num_sources,
-        sampling=OmegaConf.to_container(cfg.sampling, resolve=True),
+        options=SamplingOptions.from_settings(cfg.sampling, DEFAULT_OPTIONS),
         device=cfg.device,
     )
     print(f"Report written to {path}")

@@ -12,7 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from generator.images import grid_names, output_dir, save_images
-from generator.pipeline import Pipeline, resolve_device, sampling_arguments
+from generator.pipeline import DEFAULT_OPTIONS, Pipeline, resolve_device
+from generator.sampling import SamplingOptions
 from tokenizer.base.cli import run_command
 
 
@@ -48,7 +49,8 @@ def sample(cfg: DictConfig) -> None:
     pipeline = Pipeline.from_run_dir(
         run_dir, resolve_device(cfg.device), clip_config, batch_size=cfg.batch_size
     )
-    generated = pipeline.text_to_image(prompts, cfg.num_images, **sampling_arguments(cfg))
+    options = SamplingOptions.from_settings(cfg, DEFAULT_OPTIONS)
+    generated = pipeline.text_to_image(prompts, cfg.num_images, options)
     name = generated.prompts[0] + (f" and {len(prompts) - 1} more" if len(prompts) > 1 else "")
     directory = Path(cfg.out) if cfg.out else output_dir(run_dir / "samples", name, cfg.seed)
     names = grid_names(len(prompts), cfg.num_images)

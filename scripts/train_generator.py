@@ -20,6 +20,7 @@ from generator.data import EncodedDataModule, EncodedDataset, load_manifest
 from generator.export import Provenance, save_generator
 from generator.module import GeneratorModule
 from generator.sample_grid import SampleGrid, sample_prompts
+from generator.sampling import SamplingOptions
 from generator.shards import Manifest
 from tokenizer.base.cli import run_command
 from tokenizer.base.training import build_trainer, fit_and_checkpoint
@@ -36,8 +37,7 @@ def sample_grid(cfg: DictConfig, run_dir: Path, manifest: Manifest) -> list[Samp
         run_dir / "logs" / "generator" / "samples",
         every_n_steps=cfg.samples.every_n_steps,
         per_prompt=cfg.samples.per_prompt,
-        cfg_scale=cfg.samples.cfg_scale,
-        seed=cfg.seed,
+        options=SamplingOptions(cfg_scale=cfg.samples.cfg_scale, seed=cfg.seed),
     )
     return [grid]
 

@@ -12,7 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from generator.images import grid_names, output_dir, save_images
-from generator.pipeline import Pipeline, resolve_device, sampling_arguments
+from generator.pipeline import DEFAULT_OPTIONS, Pipeline, resolve_device
+from generator.sampling import SamplingOptions
 from tokenizer.base.cli import run_command
 
 
@@ -25,9 +26,8 @@ def make_variations(cfg: DictConfig) -> None:
     pipeline = Pipeline.from_run_dir(
         run_dir, resolve_device(cfg.device), clip_config, batch_size=cfg.batch_size
     )
-    varied = pipeline.variations(
-        image, cfg.num_images, keep_rows=cfg.keep_rows, **sampling_arguments(cfg)
-    )
+    options = SamplingOptions.from_settings(cfg, DEFAULT_OPTIONS)
+    varied = pipeline.variations(image, cfg.num_images, options, keep_rows=cfg.keep_rows)
     directory = (
         Path(cfg.out) if cfg.out else output_dir(run_dir / "variations", image.stem, cfg.seed)
     )

@@ -1,25 +1,23 @@
 import ast
-import contextlib
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from generator import gpt
-from generator.gpt import (
-    GPT,
+from generator import cpu_step
+from generator.cpu_step import (
     MAX_PACKED_ROWS,
-    PRESETS,
-    GPTConfig,
-    KVCache,
-    Linear,
+    OneCodeStep,
     OneDNNPacked,
     ThreadBlocks,
+    few_rows_product,
     gelu_by_aten,
     packing,
 )
-from generator.sampling import generate
+from generator.gpt import GPT, PRESETS, GPTConfig
+from generator.kv_cache import KVCache
+from generator.sampling import SamplingOptions, generate
 
 VOCAB_SIZE = 32
 GRID_SIZE = (3, 5)  # not square, so rows and columns cannot be mixed up unnoticed
@@ -141,34 +139,34 @@ def test_embedding_codes_from_an_offset_matches_the_whole_grid(model):
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
-@pytest.mark.parametrize("sampling_mode", [False, True])
+@pytest.mark.parametrize("one_code_step", [False, True])
 @torch.no_grad()
 def test_cached_steps_match_the_full_forward_pass(
-    model, batch_size, sampling_mode, threads, monkeypatch
+    model, batch_size, one_code_step, threads, monkeypatch
 ):
-    """Through the modules, and inside sampling_mode through step_one_code on packed weights
-    (ThreadBlocks for one row, oneDNN's for three)."""
+    """Through the modules' step, and through a OneCodeStep on packed weights (ThreadBlocks for
+    one row, oneDNN's for three)."""
     threads(2)
-    monkeypatch.setattr(gpt, "MIN_PACKED_WEIGHTS", 0)
+    monkeypatch.setattr(cpu_step, "MIN_PACKED_WEIGHTS", 0)
     codes, clip_embedding = random_inputs(batch_size)
     drop_condition = torch.arange(batch_size) == 1
     full = model(codes, clip_embedding, drop_condition)  # (B, T, vocab)
-    one_code_steps = []
-    step_one_code = GPT.step_one_code
-    monkeypatch.setattr(
-        GPT, "step_one_code", lambda *args: one_code_steps.append(1) or step_one_code(*args)
-    )
+    step = model.step
+    if one_code_step:
+        fast_step = OneCodeStep(model, batch_size)
+        assert isinstance(
+            fast_step.blocks[0].qkv, ThreadBlocks if batch_size == 1 else OneDNNPacked
+        )
+        step = lambda codes, cache: fast_step(codes[:, 0], cache)  # noqa: E731
     cache = model.new_cache(batch_size)
-    with model.sampling_mode(batch_size) if sampling_mode else contextlib.nullcontext():
-        logits = model.prefill(clip_embedding, cache, drop_condition)
-        torch.testing.assert_close(logits, full[:, 0], atol=1e-5, rtol=1e-5)
-        for t in range(NUM_CODES - 1):
-            logits = model.step(codes[:, t : t + 1], cache)
-            torch.testing.assert_close(logits, full[:, t + 1], atol=1e-5, rtol=1e-5)
-        with pytest.raises(ValueError, match="KV cache"):
-            model.step(codes[:, :1], cache)
+    logits = model.prefill(clip_embedding, cache, drop_condition)
+    torch.testing.assert_close(logits, full[:, 0], atol=1e-5, rtol=1e-5)
+    for t in range(NUM_CODES - 1):
+        logits = step(codes[:, t : t + 1], cache)
+        torch.testing.assert_close(logits, full[:, t + 1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="KV cache"):
+        step(codes[:, :1], cache)
     assert cache.length == cache.max_len
-    assert len(one_code_steps) == (NUM_CODES if sampling_mode else 0)  # the last one refused
 
 
 @torch.no_grad()
@@ -226,40 +224,36 @@ def threads():
     ],
 )
 @pytest.mark.parametrize("bias", [True, False])
-def test_a_packed_linear_layer_gives_the_plain_product_for_few_rows(
-    layout, in_features, threads_or_rows, blocks, bias, threads, monkeypatch
+def test_a_packed_weight_gives_the_plain_product_for_few_rows(
+    layout, in_features, threads_or_rows, blocks, bias, threads
 ):
-    monkeypatch.setattr(gpt, "MIN_PACKED_WEIGHTS", 0)
     if layout is ThreadBlocks:
         threads(threads_or_rows)
     torch.manual_seed(0)
-    linear = Linear(in_features, 6, bias=bias)
-    x = torch.randn(1, MAX_PACKED_ROWS + 2, in_features)  # (B, T, C)
+    linear = nn.Linear(in_features, 6, bias=bias)
+    x = torch.randn(MAX_PACKED_ROWS, in_features)  # (rows, C)
     expected = nn.functional.linear(x, linear.weight, linear.bias)
-    linear.pack(layout, threads_or_rows)
-    assert isinstance(linear.packed, layout)
+    packed = layout(linear, threads_or_rows)
     if blocks:
-        assert linear.packed.weight.shape == (blocks, in_features // blocks, 6)
-    for rows in (1, 2, 3, MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1, MAX_PACKED_ROWS + 2):
-        torch.testing.assert_close(linear(x[:, :rows]), expected[:, :rows])
+        assert packed.weight.shape == (blocks, in_features // blocks, 6)
     with torch.no_grad():
-        linear.weight.zero_()  # the packed copy is what is read for few rows, and only then
-    torch.testing.assert_close(linear(x[:, :MAX_PACKED_ROWS]), expected[:, :MAX_PACKED_ROWS])
-    torch.testing.assert_close(linear(x), nn.functional.linear(x, linear.weight, linear.bias))
-    linear.unpack()
-    assert linear.packed is None
+        linear.weight.zero_()  # the packed copy is what is read
+    for rows in (1, 2, 3, MAX_PACKED_ROWS):
+        torch.testing.assert_close(packed(x[:rows]), expected[:rows])
 
 
 @pytest.mark.parametrize(
     ("batch_size", "cfg_scale", "layout"),
     [(1, 1.0, ThreadBlocks), (2, 1.0, OneDNNPacked), (1, 3.0, OneDNNPacked)],
 )
-def test_sampling_packs_its_weights_for_its_rows_and_lets_go_after(
+def test_sampling_packs_its_weights_for_its_rows_and_leaves_the_model_as_it_was(
     model, batch_size, cfg_scale, layout, threads, monkeypatch
 ):
-    monkeypatch.setattr(gpt, "MIN_PACKED_WEIGHTS", 0)  # the tiny preset's matrices are smaller
+    monkeypatch.setattr(cpu_step, "MIN_PACKED_WEIGHTS", 0)  # the tiny preset's are smaller
     _, clip_embedding = random_inputs(batch_size)
     threads(2)
+    state_before = {name: value.clone() for name, value in model.state_dict().items()}
+    attributes_before = set(vars(model))
     packed_calls = []
     for kind in (ThreadBlocks, OneDNNPacked):
         multiply = kind.__call__
@@ -269,34 +263,38 @@ def test_sampling_packs_its_weights_for_its_rows_and_lets_go_after(
             return multiply(self, x)
 
         monkeypatch.setattr(kind, "__call__", watched)
-    codes = generate(model, clip_embedding, cfg_scale=cfg_scale, seed=0)
-    assert packed_calls == [layout] * NUM_CODES * (4 * 2 + 1)  # 2 layers, and the head
-    monkeypatch.setattr(gpt, "MIN_PACKED_WEIGHTS", 2**62)  # nothing packed
-    assert torch.equal(generate(model, clip_embedding, cfg_scale=cfg_scale, seed=0), codes)
-    linears = [module for module in model.modules() if isinstance(module, Linear)]
-    assert all(linear.packed is None for linear in linears)
-    assert model.sampling is None
-    monkeypatch.setattr(gpt, "MIN_PACKED_WEIGHTS", 0)
-    with pytest.raises(RuntimeError), model.sampling_mode(batch_size):
-        assert all(linear.packed is not None for linear in linears)
-        raise RuntimeError
-    assert all(linear.packed is None for linear in linears)
-    assert model.sampling is None
-    assert "packed" not in str(model.state_dict().keys())
+    options = SamplingOptions(cfg_scale=cfg_scale, seed=0)
+    codes = generate(model, clip_embedding, options)
+    # every code after the first is a one-code step: 4 products in each of 2 layers, and the head
+    assert packed_calls == [layout] * (NUM_CODES - 1) * (4 * 2 + 1)
+    monkeypatch.setattr(cpu_step, "MIN_PACKED_WEIGHTS", 2**62)  # nothing packed
+    assert torch.equal(generate(model, clip_embedding, options), codes)
+    assert set(vars(model)) == attributes_before
+    assert all(type(module) is not ThreadBlocks for module in model.modules())
+    assert model.state_dict().keys() == state_before.keys()
+    assert all(torch.equal(model.state_dict()[name], state_before[name]) for name in state_before)
 
 
 def test_only_large_matrices_are_packed(threads):
     threads(2)
     model = GPT(tiny_config(dim=256))  # qkv, up and down reach MIN_PACKED_WEIGHTS; out and head not
-    for rows in (1, 2):
-        with model.sampling_mode(rows):
-            packed = {n for n, m in model.named_modules() if getattr(m, "packed", None) is not None}
-        assert {name.split(".", 2)[-1] for name in packed} == {
-            "attention.qkv",
-            "mlp.up",
-            "mlp.down",
-        }
-        assert len(packed) == 3 * model.config.num_layers
+    for rows, layout in ((1, ThreadBlocks), (2, OneDNNPacked)):
+        step = OneCodeStep(model, rows)
+        for block in step.blocks:
+            packed = {
+                name for name, product in block._asdict().items() if isinstance(product, layout)
+            }
+            assert packed == {"qkv", "up", "down"}
+        assert not isinstance(step.head, layout)
+
+
+def test_few_rows_product_is_the_plain_product_where_nothing_is_packed(threads):
+    threads(2)
+    linear = nn.Linear(8, 5)
+    x = torch.randn(3, 8)
+    expected = nn.functional.linear(x, linear.weight, linear.bias)
+    torch.testing.assert_close(few_rows_product(linear, 3)(x), expected)  # under the size
+    torch.testing.assert_close(few_rows_product(linear.double(), 3)(x.double()), expected.double())
 
 
 @pytest.mark.parametrize(
@@ -333,9 +331,8 @@ def test_packing_is_for_few_rows_in_fp32_on_a_cpu(threads):
 def test_position_embeddings_held_for_sampling_are_those_computed(model):
     codes, _ = random_inputs(2)
     computed = model.embed_codes(codes[:, 3:9], start=3)
-    with model.sampling_mode(2):
-        assert model.sampling is not None
-        torch.testing.assert_close(model.embed_codes(codes[:, 3:9], start=3), computed)
+    positions = OneCodeStep(model, 2).positions
+    torch.testing.assert_close(model.embed_codes(codes[:, 3:9], 3, positions), computed)
 
 
 def test_null_embedding_is_a_trained_parameter(model):

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,14 @@ from generator.evaluation import (
     shapes_sources,
 )
 from generator.export import Provenance, RunMismatchError, load_generator
-from generator.pipeline import Generated, Pipeline, Variations, clean_prompt, resolve_device
+from generator.pipeline import (
+    DEFAULT_OPTIONS,
+    Generated,
+    Pipeline,
+    Variations,
+    clean_prompt,
+    resolve_device,
+)
 from generator.shards import tokenizer_fingerprint
 from tokenizer import shapes
 from tokenizer.data import DataConfig, build_dataset
@@ -135,7 +143,7 @@ def test_a_generator_whose_provenance_names_its_clip_needs_no_clip_argument(run_
 
 
 def test_text_to_image_returns_the_requested_images(pipeline):
-    out = pipeline.text_to_image(PROMPTS, num_images=3, seed=0)
+    out = pipeline.text_to_image(PROMPTS, 3, replace(DEFAULT_OPTIONS, seed=0))
     assert out.images.shape == (6, 3, 32, 32) and out.images.dtype == torch.float32
     assert out.images.min() >= 0 and out.images.max() <= 1
     assert out.codes.shape == (6, 8, 8) and out.codes.dtype == torch.long
@@ -145,22 +153,25 @@ def test_text_to_image_returns_the_requested_images(pipeline):
 
 
 def test_the_same_seed_gives_the_same_images(pipeline):
-    first = pipeline.text_to_image(PROMPTS, num_images=2, seed=3, top_k=20)
-    again = pipeline.text_to_image(PROMPTS, num_images=2, seed=3, top_k=20)
-    other = pipeline.text_to_image(PROMPTS, num_images=2, seed=4, top_k=20)
+    first = pipeline.text_to_image(PROMPTS, 2, replace(DEFAULT_OPTIONS, seed=3, top_k=20))
+    again = pipeline.text_to_image(PROMPTS, 2, replace(DEFAULT_OPTIONS, seed=3, top_k=20))
+    other = pipeline.text_to_image(PROMPTS, 2, replace(DEFAULT_OPTIONS, seed=4, top_k=20))
     assert torch.equal(first.codes, again.codes) and torch.equal(first.images, again.images)
     assert not torch.equal(first.codes, other.codes)
     pipeline.batch_size = 3  # sampled in chunks, one generator throughout
     try:
-        chunked = [pipeline.text_to_image(PROMPTS, 2, seed=3, top_k=20) for _ in range(2)]
+        chunked = [
+            pipeline.text_to_image(PROMPTS, 2, replace(DEFAULT_OPTIONS, seed=3, top_k=20))
+            for _ in range(2)
+        ]
     finally:
         pipeline.batch_size = 256
     assert torch.equal(chunked[0].codes, chunked[1].codes)
 
 
 def test_rerank_keeps_the_candidate_clip_ranks_best(pipeline):
-    reranked = pipeline.text_to_image(PROMPTS[:1], num_images=2, seed=0, rerank=4)
-    candidates = pipeline.text_to_image(PROMPTS[:1], num_images=8, seed=0)
+    reranked = pipeline.text_to_image(PROMPTS[:1], 2, replace(DEFAULT_OPTIONS, seed=0, rerank=4))
+    candidates = pipeline.text_to_image(PROMPTS[:1], 8, replace(DEFAULT_OPTIONS, seed=0))
     images = candidates.images * 2 - 1
     similarity = pipeline.clip.encode_image(images) @ pipeline.clip.encode_text(PROMPTS[:1]).T
     best = similarity.view(2, 4).argmax(dim=1) + torch.tensor([0, 4])
@@ -186,10 +197,13 @@ def test_invalid_parameters_raise_before_any_work(pipeline, monkeypatch, options
     monkeypatch.setattr(generator.pipeline, "generate", no_work)
     monkeypatch.setattr(pipeline.clip, "encode_text", no_work)
     monkeypatch.setattr(pipeline.clip, "encode_image", no_work)
+    options = dict(options)
+    num_images = options.pop("num_images", 1)
+    options = replace(DEFAULT_OPTIONS, **options)
     with pytest.raises(ValueError, match=message):
-        pipeline.text_to_image(PROMPTS, **options)
+        pipeline.text_to_image(PROMPTS, num_images, options)
     with pytest.raises(ValueError, match=message):
-        pipeline.variations(shapes_images(1), **options)
+        pipeline.variations(shapes_images(1), num_images, options)
 
 
 @pytest.mark.parametrize("prompts", [[""], ["   "], ["a red circle", "\x00\x07\t"], []])
@@ -204,11 +218,11 @@ def test_prompts_are_cleaned_and_cut_to_clip_context(pipeline):
     assert clean_prompt(b"a \xff red circle") == "a red circle"
     assert clean_prompt("a \udcff red circle") == "a red circle"  # an undecodable argv byte
     with pytest.warns(UserWarning, match="control characters"):
-        out = pipeline.text_to_image(["a red\x07 circle"], seed=0)
+        out = pipeline.text_to_image(["a red\x07 circle"], 1, replace(DEFAULT_OPTIONS, seed=0))
     assert out.prompts == ["a red circle"]
     long = " ".join(["a small red circle"] * 10)
     with pytest.warns(UserWarning, match="CLIP tokens .* cut to"):
-        out = pipeline.text_to_image([long], seed=0)
+        out = pipeline.text_to_image([long], 1, replace(DEFAULT_OPTIONS, seed=0))
     (kept,) = out.prompts
     assert long.startswith(kept) and len(kept.split()) == 22  # 24 tokens less start and end
 
@@ -220,7 +234,7 @@ def test_prompts_are_cleaned_and_cut_to_clip_context(pipeline):
 @pytest.mark.parametrize("keep_rows", [0, 3, 8])
 def test_keep_rows_keeps_exactly_the_source_top_rows(pipeline, keep_rows):
     sources = shapes_images(2)
-    out = pipeline.variations(sources, num_images=3, keep_rows=keep_rows, seed=0)
+    out = pipeline.variations(sources, 3, replace(DEFAULT_OPTIONS, seed=0), keep_rows=keep_rows)
     assert out.images.shape == (6, 3, 32, 32) and out.codes.shape == (6, 8, 8)
     assert out.source_index.tolist() == [0, 0, 0, 1, 1, 1]
     source_codes = pipeline.vqgan.encode(sources)[out.source_index]  # (6, 8, 8)
@@ -241,7 +255,7 @@ def test_image_files_are_read_resized_or_refused(pipeline, tmp_path):
     path = tmp_path / "source.png"
     Image.fromarray(np.full((40, 48, 3), 200, np.uint8)).save(path)
     with pytest.warns(UserWarning, match="48x40 px .* 32x32"):
-        out = pipeline.variations(path, num_images=2, seed=0)
+        out = pipeline.variations(path, 2, replace(DEFAULT_OPTIONS, seed=0))
     assert out.sources.shape == (1, 3, 32, 32)
     assert torch.allclose(out.sources, torch.full_like(out.sources, 200 / 255), atol=1e-5)
     broken = tmp_path / "broken.png"
@@ -299,12 +313,12 @@ class OraclePipeline:
     def __init__(self, clip, images: dict[str, torch.Tensor]) -> None:
         self.clip, self.images = clip, images
 
-    def text_to_image(self, prompts, num_images, **options) -> Generated:
+    def text_to_image(self, prompts, num_images, options=None) -> Generated:
         images = torch.stack([self.images[p] for p in prompts]).repeat_interleave(num_images, 0)
         repeated = [prompt for prompt in prompts for _ in range(num_images)]
         return Generated((images + 1) / 2, torch.zeros(len(repeated), 8, 8), repeated)
 
-    def variations(self, sources, num_images, **options) -> Variations:
+    def variations(self, sources, num_images, options=None, keep_rows=0) -> Variations:
         index = torch.arange(sources.shape[0]).repeat_interleave(num_images)
         images = (sources[index] + 1) / 2
         return Variations(images, torch.zeros(len(index), 8, 8), (sources + 1) / 2, index)
@@ -334,8 +348,8 @@ def drawn(obj: ShapeObject) -> torch.Tensor:
 class ShapeSwappingPipeline(OraclePipeline):
     """Copies each source, except that a held-out pair comes back as a square of its colour."""
 
-    def variations(self, sources, num_images, **options) -> Variations:
-        varied = super().variations(sources, num_images, **options)
+    def variations(self, sources, num_images, options=None, keep_rows=0) -> Variations:
+        varied = super().variations(sources, num_images, options, keep_rows)
         images = varied.images.clone()
         for i, scene in enumerate(shapes.check_batch(varied.images * 2 - 1)):
             if shapes.is_held_out(scene):
@@ -393,7 +407,9 @@ def test_sample_script_writes_a_grid_and_singles(run_dir, tmp_path):
     assert [p.name for p in paths] == ["grid.png", "000.png", "001.png", "002.png"]
     assert all(p.parent == out and p.is_file() for p in paths)
     assert Image.open(paths[1]).size == (32, 32)
-    expected = Pipeline.from_run_dir(run_dir).text_to_image(["a red circle"], 3, seed=0)
+    expected = Pipeline.from_run_dir(run_dir).text_to_image(
+        ["a red circle"], 3, replace(DEFAULT_OPTIONS, seed=0)
+    )
     first = torch.from_numpy(np.array(Image.open(paths[1]))).permute(2, 0, 1) / 255
     assert torch.allclose(first, expected.images[0], atol=1 / 255 + 1e-6)
 

@@ -7,6 +7,7 @@ from generator.gpt import GPT, GPTConfig
 from generator.sampling import (
     CachedLogits,
     RecomputedLogits,
+    SamplingOptions,
     filter_logits,
     generate,
     generate_naive,
@@ -83,7 +84,7 @@ def test_top_k_and_top_p_together():
 def test_sampling_never_draws_a_filtered_code():
     logits = torch.tensor([0.0, 2.0, 1.0, 3.0, -1.0]).expand(2000, 5)
     generator = torch.Generator().manual_seed(0)
-    codes = sample_from_logits(logits, top_k=2, generator=generator)
+    codes = sample_from_logits(logits, SamplingOptions(top_k=2), generator)
     assert set(codes.tolist()) == {1, 3}
     # and draws the rest in proportion: softmax([2, 3]) gives code 3 about 73% of the time
     assert 0.68 < (codes == 3).float().mean() < 0.78
@@ -92,15 +93,17 @@ def test_sampling_never_draws_a_filtered_code():
 def test_a_draw_at_the_top_of_the_range_still_lands_on_a_kept_code(monkeypatch):
     logits = torch.tensor([[1.0, 2.0, 0.5, -9.0, -8.0]])
     monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.ones(1, 1))  # U = 1
-    assert sample_from_logits(logits, top_k=3).tolist() == [2]  # the last kept code
+    assert sample_from_logits(logits, SamplingOptions(top_k=3)).tolist() == [
+        2
+    ]  # the last kept code
     assert sample_from_logits(logits).tolist() == [4]
 
 
 def test_temperature_sharpens_and_flattens():
     logits = torch.tensor([0.0, 1.0]).expand(4000, 2)
     generator = torch.Generator().manual_seed(0)
-    cold = sample_from_logits(logits, temperature=0.25, generator=generator).float().mean()
-    hot = sample_from_logits(logits, temperature=4.0, generator=generator).float().mean()
+    cold = sample_from_logits(logits, SamplingOptions(temperature=0.25), generator).float().mean()
+    hot = sample_from_logits(logits, SamplingOptions(temperature=4.0), generator).float().mean()
     assert cold > 0.95  # sigmoid(4) = 0.98
     assert 0.5 < hot < 0.6  # sigmoid(0.25) = 0.56
 
@@ -140,17 +143,20 @@ def test_cached_and_recomputed_logits_agree_after_prefix_codes(model, clip_embed
 
 
 @pytest.mark.parametrize(
-    "options",
+    ("options", "prefix_codes"),
     [
-        {},
-        {"cfg_scale": 3.0, "top_k": 8},
-        {"cfg_scale": 0.0, "top_p": 0.9, "temperature": 0.7},
-        {"cfg_scale": 2.0, "prefix_codes": torch.arange(3 * 5).reshape(3, 5) % VOCAB_SIZE},
+        ({}, None),
+        ({"cfg_scale": 3.0, "top_k": 8}, None),
+        ({"cfg_scale": 0.0, "top_p": 0.9, "temperature": 0.7}, None),
+        ({"cfg_scale": 2.0}, torch.arange(3 * 5).reshape(3, 5) % VOCAB_SIZE),
     ],
 )
-def test_cached_and_naive_generate_give_the_same_codes(model, clip_embedding, options):
-    cached = generate(model, clip_embedding, seed=7, **options)
-    naive = generate_naive(model, clip_embedding, seed=7, **options)
+def test_cached_and_naive_generate_give_the_same_codes(
+    model, clip_embedding, options, prefix_codes
+):
+    options = SamplingOptions(seed=7, **options)
+    cached = generate(model, clip_embedding, options, prefix_codes=prefix_codes)
+    naive = generate_naive(model, clip_embedding, options, prefix_codes=prefix_codes)
     assert cached.shape == (3, NUM_CODES) and cached.dtype == torch.long
     assert ((cached >= 0) & (cached < VOCAB_SIZE)).all()
     torch.testing.assert_close(cached, naive, rtol=0, atol=0)
@@ -160,12 +166,12 @@ def test_cached_and_naive_generate_give_the_same_codes(model, clip_embedding, op
 
 
 def test_cfg_scale_one_is_plain_conditional_sampling(model, clip_embedding):
-    greedy = generate(model, clip_embedding, top_k=1, cfg_scale=1.0)
+    greedy = generate(model, clip_embedding, SamplingOptions(top_k=1, cfg_scale=1.0))
     torch.testing.assert_close(greedy, greedy_reference(model, clip_embedding, drop=False))
 
 
 def test_cfg_scale_zero_ignores_the_condition(model, clip_embedding):
-    greedy = generate(model, clip_embedding, top_k=1, cfg_scale=0.0)
+    greedy = generate(model, clip_embedding, SamplingOptions(top_k=1, cfg_scale=0.0))
     unconditional = greedy_reference(model, clip_embedding, drop=True)
     torch.testing.assert_close(greedy, unconditional)
     # the two references differ, so the two tests above tell the halves apart
@@ -173,21 +179,23 @@ def test_cfg_scale_zero_ignores_the_condition(model, clip_embedding):
 
 
 def test_guidance_changes_the_samples(model, clip_embedding):
-    plain = generate(model, clip_embedding, top_k=1, cfg_scale=1.0)
-    guided = generate(model, clip_embedding, top_k=1, cfg_scale=4.0)
+    plain = generate(model, clip_embedding, SamplingOptions(top_k=1, cfg_scale=1.0))
+    guided = generate(model, clip_embedding, SamplingOptions(top_k=1, cfg_scale=4.0))
     assert (plain != guided).any()
 
 
 def test_top_k_one_is_greedy_whatever_the_seed(model, clip_embedding):
-    first = generate(model, clip_embedding, top_k=1, cfg_scale=2.0, seed=0)
-    second = generate(model, clip_embedding, top_k=1, cfg_scale=2.0, seed=1)
+    first = generate(model, clip_embedding, SamplingOptions(top_k=1, cfg_scale=2.0, seed=0))
+    second = generate(model, clip_embedding, SamplingOptions(top_k=1, cfg_scale=2.0, seed=1))
     torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
 def test_seeds_make_samples_reproducible(model, clip_embedding):
-    first = generate(model, clip_embedding, seed=0)
-    torch.testing.assert_close(generate(model, clip_embedding, seed=0), first, rtol=0, atol=0)
-    assert (generate(model, clip_embedding, seed=1) != first).any()
+    first = generate(model, clip_embedding, SamplingOptions(seed=0))
+    torch.testing.assert_close(
+        generate(model, clip_embedding, SamplingOptions(seed=0)), first, rtol=0, atol=0
+    )
+    assert (generate(model, clip_embedding, SamplingOptions(seed=1)) != first).any()
     from_generator = generate(model, clip_embedding, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(from_generator, first, rtol=0, atol=0)
 
@@ -196,7 +204,7 @@ def test_seed_leaves_the_global_generator_alone(model, clip_embedding):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    generate(model, clip_embedding, seed=0)
+    generate(model, clip_embedding, SamplingOptions(seed=0))
     torch.testing.assert_close(torch.rand(3), expected)
 
 
@@ -207,9 +215,11 @@ def test_samples_the_same_in_train_mode_and_restores_it():
     )
     model = GPT(config)
     clip_embedding = torch.randn(2, CLIP_DIM)
-    in_train_mode = generate(model, clip_embedding, top_k=1)  # greedy: dropout would show
+    in_train_mode = generate(
+        model, clip_embedding, SamplingOptions(top_k=1)
+    )  # greedy: dropout would show
     assert model.training
-    expected = generate(model.eval(), clip_embedding, top_k=1)
+    expected = generate(model.eval(), clip_embedding, SamplingOptions(top_k=1))
     torch.testing.assert_close(in_train_mode, expected, rtol=0, atol=0)
 
 
@@ -221,7 +231,7 @@ def test_the_sampling_loop_never_reads_a_tensor_back(model, clip_embedding, monk
 
     for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
-    generate(model, clip_embedding, cfg_scale=3.0, top_k=8, top_p=0.9, seed=0)
+    generate(model, clip_embedding, SamplingOptions(cfg_scale=3.0, top_k=8, top_p=0.9, seed=0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to watch for syncs")
@@ -229,7 +239,7 @@ def test_generate_does_not_synchronise_with_the_gpu(model, clip_embedding):
     model, clip_embedding = model.cuda(), clip_embedding.cuda()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        generate(model, clip_embedding, cfg_scale=3.0, top_k=8, top_p=0.9, seed=0)
+        generate(model, clip_embedding, SamplingOptions(cfg_scale=3.0, top_k=8, top_p=0.9, seed=0))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -239,7 +249,7 @@ def test_generate_does_not_synchronise_with_the_gpu(model, clip_embedding):
 
 def test_prefix_codes_are_kept_exactly(model, clip_embedding):
     top_rows = torch.randint(0, VOCAB_SIZE, (3, 2 * GRID_SIZE[1]))
-    codes = generate(model, clip_embedding, prefix_codes=top_rows, seed=0)
+    codes = generate(model, clip_embedding, SamplingOptions(seed=0), prefix_codes=top_rows)
     torch.testing.assert_close(codes[:, : top_rows.shape[1]], top_rows, rtol=0, atol=0)
     assert codes.shape == (3, NUM_CODES)
 
@@ -247,8 +257,8 @@ def test_prefix_codes_are_kept_exactly(model, clip_embedding):
 def test_prefix_codes_condition_the_rest(model, clip_embedding):
     zeros = torch.zeros(3, 5, dtype=torch.long)
     ones = torch.ones(3, 5, dtype=torch.long)
-    after_zeros = generate(model, clip_embedding, prefix_codes=zeros, top_k=1)
-    after_ones = generate(model, clip_embedding, prefix_codes=ones, top_k=1)
+    after_zeros = generate(model, clip_embedding, SamplingOptions(top_k=1), prefix_codes=zeros)
+    after_ones = generate(model, clip_embedding, SamplingOptions(top_k=1), prefix_codes=ones)
     assert (after_zeros[:, 5:] != after_ones[:, 5:]).any()
 
 
@@ -285,9 +295,13 @@ def test_a_full_prefix_is_returned_as_is(model, clip_embedding):
 def test_invalid_parameters_raise_before_any_work(model, clip_embedding, sampler, options, message):
     calls = []
     model.condition_mlp.register_forward_hook(lambda *args: calls.append(1))
-    options = {"clip_embedding": clip_embedding, **options}
+    options, inputs = (
+        dict(options),
+        {"clip_embedding": clip_embedding, "prefix_codes": None, "generator": None},
+    )
+    inputs.update((name, options.pop(name)) for name in list(options) if name in inputs)
     with pytest.raises(ValueError, match=message):
-        sampler(model, **options)
+        sampler(model, inputs.pop("clip_embedding"), SamplingOptions(**options), **inputs)
     assert not calls
     sampler(model, clip_embedding)
     assert calls  # the hook does see the model run

@@ -14,6 +14,7 @@ import pickle
 import shlex
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,7 +35,7 @@ from generator.encoding import encode_run
 from generator.export import load_generator
 from generator.gpt import GPTConfig
 from generator.module import GeneratorModule
-from generator.pipeline import Pipeline
+from generator.pipeline import DEFAULT_OPTIONS, Pipeline
 from tokenizer import VQGAN, VQGANConfig
 from tokenizer.base.optim import OptimConfig
 from tokenizer.base.weights import UNSAVED_TENSORS
@@ -214,7 +215,9 @@ def test_loading_a_run_never_unpickles(run_dir, monkeypatch):
     ]:
         monkeypatch.setattr(owner, name, forbidden)
     pipeline = Pipeline.from_run_dir(run_dir)
-    assert pipeline.text_to_image("a red circle", seed=0).images.shape == (1, 3, 32, 32)
+    assert pipeline.text_to_image(
+        "a red circle", 1, replace(DEFAULT_OPTIONS, seed=0)
+    ).images.shape == (1, 3, 32, 32)
 
 
 class Payload:
