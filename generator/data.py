@@ -22,12 +22,12 @@ from generator.shards import (
     EncodedShard,
     Manifest,
     ShardMismatchError,
+    TokenizerIdentity,
     read_manifest,
     read_shard,
-    tokenizer_fingerprint,
+    tokenizer_differences,
 )
-from tokenizer.base.configs import load_config
-from tokenizer.vqgan import CONFIG_FILE, CONFIG_KIND, WEIGHTS_FILE, VQGANConfig
+from tokenizer.base.run_dir import RunDir
 
 
 class EncodedSample(NamedTuple):
@@ -40,26 +40,19 @@ class EncodedSample(NamedTuple):
 
 def check_tokenizer(manifest: Manifest, run_dir: Path) -> None:
     """Refuse shards that the tokenizer in RUN/tokenizer did not make."""
-    tokenizer_dir = run_dir / "tokenizer"
-    encoded_dir = run_dir / "encoded"
-    if not (tokenizer_dir / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(
-            f"no tokenizer in {tokenizer_dir}: the shards in {encoded_dir} can only be used "
-            "with the tokenizer that made them; put it back or train and encode again."
-        )
+    run = RunDir(run_dir)
     plan = manifest.plan
-    config = load_config(VQGANConfig, tokenizer_dir / CONFIG_FILE, kind=CONFIG_KIND)
-    differences = []
-    if tokenizer_fingerprint(tokenizer_dir) != plan.tokenizer_fingerprint:
-        differences.append("its weights differ")
-    if config.quantizer.num_codes != plan.num_codes:
-        differences.append(f"{plan.num_codes} codes, not {config.quantizer.num_codes}")
-    if tuple(config.grid_size) != tuple(plan.grid_size):
-        differences.append(f"a {plan.grid_size} grid, not {config.grid_size}")
+    made_with = TokenizerIdentity(plan.tokenizer_fingerprint, plan.num_codes, plan.grid_size)
+    differences = tokenizer_differences(
+        run.tokenizer,
+        made_with,
+        f"the shards in {run.encoded} can only be used with the tokenizer that made them; "
+        "put it back or train and encode again.",
+    )
     if differences:
         raise ShardMismatchError(
-            f"the shards in {encoded_dir} were made by another tokenizer "
-            f"({', '.join(differences)}): run scripts/encode.py run_dir={run_dir} "
+            f"the shards in {run.encoded} were made by another tokenizer than {run.tokenizer} "
+            f"(it has {', '.join(differences)}): run scripts/encode.py run_dir={run_dir} "
             "overwrite=true again."
         )
 
@@ -67,7 +60,7 @@ def check_tokenizer(manifest: Manifest, run_dir: Path) -> None:
 def load_manifest(run_dir: str | Path) -> Manifest:
     """RUN/encoded/manifest.json, checked against RUN/tokenizer."""
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir / "encoded")
+    manifest = read_manifest(RunDir(run_dir).encoded)
     check_tokenizer(manifest, run_dir)
     return manifest
 
@@ -86,7 +79,7 @@ class EncodedDataset(Dataset):
         self.run_dir = Path(run_dir)
         self.manifest = manifest if manifest is not None else load_manifest(self.run_dir)
         record = self.manifest.split(split)
-        self.paths = [self.run_dir / "encoded" / shard.file for shard in record.shards]
+        self.paths = [RunDir(self.run_dir).encoded / shard.file for shard in record.shards]
         counts = [shard.num_samples for shard in record.shards]
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
         self.embed_dim = self.manifest.plan.embed_dim

@@ -51,6 +51,7 @@ from generator.shards import (
 )
 from tokenizer import VQGAN
 from tokenizer.base.configs import config_to_dict
+from tokenizer.base.run_dir import RunDir
 from tokenizer.data import DataConfig, ReportingDataLoader, Sample, build_dataset, has_split
 from tokenizer.shapes import SPLITS
 
@@ -359,8 +360,7 @@ def encode_run(
             f"the data config has no {' or '.join(missing)} split: leave it out of splits, or "
             "give the data one (data.num_val, data.val_path or data.val_fraction, ...)."
         )
-    encoded_dir = run_dir / "encoded"
-    tokenizer_dir = run_dir / "tokenizer"
+    encoded_dir, tokenizer_dir = RunDir(run_dir).encoded, RunDir(run_dir).tokenizer
     vqgan = VQGAN.from_pretrained(tokenizer_dir, device=device)
     data_config = dataclasses.replace(data_config, image_size=vqgan.config.image_size)
     plan = make_plan(tokenizer_dir, vqgan, clip, data_config, shard_size)

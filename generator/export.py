@@ -22,16 +22,11 @@ import torch
 
 from generator.clip import CLIPConfig
 from generator.gpt import GPT, GPTConfig
-from generator.shards import tokenizer_fingerprint
+from generator.shards import TokenizerIdentity, tokenizer_differences
 from tokenizer.base.configs import load_config, save_config
+from tokenizer.base.run_dir import CONFIG_FILE, WEIGHTS_FILE, RunDir
 from tokenizer.base.weights import load_checked_model, save_weights
-from tokenizer.vqgan import CONFIG_FILE as TOKENIZER_CONFIG_FILE
-from tokenizer.vqgan import CONFIG_KIND as TOKENIZER_CONFIG_KIND
-from tokenizer.vqgan import WEIGHTS_FILE as TOKENIZER_WEIGHTS_FILE
-from tokenizer.vqgan import VQGANConfig
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 PROVENANCE_FILE = "provenance.json"
 CONFIG_KIND = "gpt"
 PROVENANCE_KIND = "generator_provenance"
@@ -97,41 +92,30 @@ def check_belongs_together(
     run_dir: str | Path,
     clip_fingerprint: str | None = None,
     *,
-    config: GPTConfig | None = None,
+    config: GPTConfig,
 ) -> None:
-    """Refuse a generator whose tokenizer is not RUN/tokenizer, or whose CLIP is not the one
-    with `clip_fingerprint` (skipped when None). With its `config`, the codebook size and code
-    grid are compared too, so the message can say what differs."""
-    run_dir = Path(run_dir)
-    tokenizer_dir = run_dir / "tokenizer"
-    if not (tokenizer_dir / TOKENIZER_WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(
-            f"no tokenizer in {tokenizer_dir}: the generator can only decode with the tokenizer "
-            "it was trained with; put it back or train the whole run again."
-        )
-    differences = []
-    if config is not None:
-        tokenizer = load_config(
-            VQGANConfig, tokenizer_dir / TOKENIZER_CONFIG_FILE, kind=TOKENIZER_CONFIG_KIND
-        )
-        if tokenizer.quantizer.num_codes != config.vocab_size:
-            differences.append(
-                f"a codebook of {tokenizer.quantizer.num_codes} codes, not {config.vocab_size}"
-            )
-        if tuple(tokenizer.grid_size) != tuple(config.grid_size):
-            differences.append(f"a {tokenizer.grid_size} grid, not {config.grid_size}")
-    if not differences and tokenizer_fingerprint(tokenizer_dir) != provenance.tokenizer_fingerprint:
-        differences.append("other weights")
+    """Refuse a generator (its `provenance` and `config`) whose tokenizer is not RUN/tokenizer,
+    or whose CLIP is not the one with `clip_fingerprint` (skipped when None)."""
+    run = RunDir(run_dir)
+    trained_with = TokenizerIdentity(
+        provenance.tokenizer_fingerprint, config.vocab_size, config.grid_size
+    )
+    differences = tokenizer_differences(
+        run.tokenizer,
+        trained_with,
+        "the generator can only decode with the tokenizer it was trained with; put it back or "
+        "train the whole run again.",
+    )
     if differences:
         raise RunMismatchError(
-            f"the generator in {run_dir / 'generator'} was trained with another tokenizer than "
-            f"{tokenizer_dir} (it has {', '.join(differences)}): put back the tokenizer it was "
+            f"the generator in {run.generator} was trained with another tokenizer than "
+            f"{run.tokenizer} (it has {', '.join(differences)}): put back the tokenizer it was "
             f"trained with, or encode again (scripts/encode.py run_dir={run_dir} overwrite=true) "
-            f"and retrain the generator after deleting {run_dir / 'checkpoints' / 'generator'}."
+            f"and retrain the generator after deleting {run.checkpoints('generator')}."
         )
     if clip_fingerprint is not None and clip_fingerprint != provenance.clip_fingerprint:
         raise RunMismatchError(
-            f"the generator in {run_dir / 'generator'} was trained on embeddings of another "
+            f"the generator in {run.generator} was trained on embeddings of another "
             "CLIP than the one configured: pick the clip config it was trained with (the one "
-            f"scripts/encode.py used for {run_dir / 'encoded'})."
+            f"scripts/encode.py used for {run.encoded})."
         )

@@ -33,8 +33,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import safetensors.numpy
 
-from tokenizer.base.configs import config_to_dict, dataclass_from_dict
+from tokenizer.base.configs import config_to_dict, dataclass_from_dict, load_config
 from tokenizer.base.files import atomic_write_bytes, atomic_write_text
+from tokenizer.base.run_dir import config_file, weights_file
+from tokenizer.vqgan import CONFIG_KIND as TOKENIZER_CONFIG_KIND
+from tokenizer.vqgan import VQGANConfig
 
 FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
@@ -84,8 +87,36 @@ def file_sha256(paths: list[Path]) -> str:
 
 def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
     """sha256 of an exported tokenizer: its weights, then its config."""
-    tokenizer_dir = Path(tokenizer_dir)
-    return file_sha256([tokenizer_dir / "model.safetensors", tokenizer_dir / "config.json"])
+    return file_sha256([weights_file(tokenizer_dir), config_file(tokenizer_dir)])
+
+
+class TokenizerIdentity(NamedTuple):
+    """The tokenizer something (shards, a generator) was made with."""
+
+    fingerprint: str  # tokenizer_fingerprint
+    num_codes: int
+    grid_size: tuple[int, int]
+
+
+def tokenizer_differences(
+    tokenizer_dir: Path, expected: TokenizerIdentity, what_needs_it: str
+) -> list[str]:
+    """How the tokenizer exported in `tokenizer_dir` differs from `expected`, as phrases for an
+    error message ("a codebook of 128 codes, not 64"); [] where it is the same tokenizer. A
+    FileNotFoundError where there is none: `what_needs_it` says what cannot do without it."""
+    if not weights_file(tokenizer_dir).is_file():
+        raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}: {what_needs_it}")
+    config = load_config(VQGANConfig, config_file(tokenizer_dir), kind=TOKENIZER_CONFIG_KIND)
+    differences = []
+    if config.quantizer.num_codes != expected.num_codes:
+        differences.append(
+            f"a codebook of {config.quantizer.num_codes} codes, not {expected.num_codes}"
+        )
+    if tuple(config.grid_size) != tuple(expected.grid_size):
+        differences.append(f"a {config.grid_size} grid, not {expected.grid_size}")
+    if not differences and tokenizer_fingerprint(tokenizer_dir) != expected.fingerprint:
+        differences.append("other weights")
+    return differences
 
 
 # ---------------------------------------------------------------------------------------------

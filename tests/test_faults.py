@@ -33,7 +33,8 @@ from generator.export import load_generator
 from generator.shards import read_shard
 from tokenizer import VQGAN, VQGANConfig
 from tokenizer.base.files import WriteError, check_writable
-from tokenizer.base.training import build_trainer, checkpoint_dir, fit_and_checkpoint
+from tokenizer.base.run_dir import RunDir
+from tokenizer.base.training import build_trainer, fit_and_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "tests" / "fault_launcher.py"
@@ -74,7 +75,7 @@ def test_checkpoints_are_fsynced_beside_their_final_name_then_renamed(tmp_path, 
     run_dir = tmp_path.resolve() / "run"
     fit_boring(run_dir)
 
-    last = checkpoint_dir(run_dir, "boring") / "last.ckpt"
+    last = RunDir(run_dir).checkpoints("boring") / "last.ckpt"
     renames = [event for event in events if event[0] == "rename" and event[2] == last]
     assert len(renames) >= 2  # every checkpoint_every_n_steps, and the final one
     for event in renames:
@@ -88,7 +89,7 @@ def test_checkpoints_are_fsynced_beside_their_final_name_then_renamed(tmp_path, 
 def test_a_rerun_removes_the_temporaries_a_kill_left_and_nothing_else(tmp_path):
     run_dir = tmp_path / "run"
     strays = [
-        checkpoint_dir(run_dir, "boring") / ".last.ckpt.k1ll3d.tmp",
+        RunDir(run_dir).checkpoints("boring") / ".last.ckpt.k1ll3d.tmp",
         run_dir / "boring" / ".model.safetensors.k1ll3d.tmp",
     ]
     kept = run_dir / "boring" / "notes.txt"
@@ -106,7 +107,7 @@ def checkpoint_writer(run_dir: Path):
 
 
 def test_a_full_disk_keeps_the_old_checkpoint_and_says_what_to_do(tmp_path, monkeypatch):
-    last = checkpoint_dir(tmp_path / "run", "tokenizer") / "last.ckpt"
+    last = RunDir(tmp_path / "run").checkpoints("tokenizer") / "last.ckpt"
     writer = checkpoint_writer(tmp_path / "run")
     writer.save_checkpoint({"global_step": 1, "weights": torch.ones(1000)}, last)
     before = last.read_bytes()
@@ -144,7 +145,7 @@ def small_disk(tmp_path):
 def test_a_really_full_disk_keeps_the_old_checkpoint(small_disk):
     """Lightning's own writer copies its temporary file from /tmp over last.ckpt here, and the
     disk fills up half-way through the copy."""
-    last = checkpoint_dir(small_disk / "run", "tokenizer") / "last.ckpt"
+    last = RunDir(small_disk / "run").checkpoints("tokenizer") / "last.ckpt"
     writer = checkpoint_writer(small_disk / "run")
     writer.save_checkpoint({"global_step": 1, "weights": torch.ones(100_000)}, last)  # 400 kB
     before = last.read_bytes()
@@ -294,7 +295,7 @@ def test_killed_training_resumes_from_its_last_complete_checkpoint(tmp_path, sta
     overrides = [f"run_dir={run_dir}", *stage.overrides]
     killed = launch(fault.injection, stage.script, overrides)
     assert_killed_leaving_whole_files(killed, fault.injection, run_dir)
-    last = checkpoint_dir(run_dir, stage.name) / "last.ckpt"
+    last = RunDir(run_dir).checkpoints(stage.name) / "last.ckpt"
     saved = read_checkpoint(last)
     assert saved["global_step"] == fault.saved_step
     assert not (run_dir / stage.name / "model.safetensors").exists()

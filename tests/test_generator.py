@@ -107,7 +107,9 @@ def test_a_generator_refuses_another_tokenizer_or_clip(tmp_path):
     check_belongs_together(provenance, tmp_path, clip, config=model.config)  # its own: fine
 
     with pytest.raises(RunMismatchError, match="another\\s+CLIP"):
-        check_belongs_together(provenance, tmp_path, FakeCLIP(seed=1).fingerprint())
+        check_belongs_together(
+            provenance, tmp_path, FakeCLIP(seed=1).fingerprint(), config=model.config
+        )
     save_tokenizer(tmp_path, seed=1)  # same sizes, other weights
     with pytest.raises(RunMismatchError, match="another tokenizer .*other weights"):
         check_belongs_together(provenance, tmp_path, clip, config=model.config)
@@ -116,7 +118,7 @@ def test_a_generator_refuses_another_tokenizer_or_clip(tmp_path):
     with pytest.raises(RunMismatchError, match="codebook of 128 codes, not 64"):
         check_belongs_together(provenance, tmp_path, clip, config=model.config)
     with pytest.raises(RunMismatchError, match="another tokenizer"):
-        check_belongs_together(provenance, tmp_path, clip)
+        check_belongs_together(provenance, tmp_path, config=model.config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from tokenizer.base.configs import dataclass_from_dict
 from tokenizer.base.optim import (
+    ClipsGradientNorm,
     OptimConfig,
     SkipsNonFiniteLoss,
     adamw_with_schedule,
@@ -32,7 +33,7 @@ from tokenizer.quantizer import histogram_stats
 from tokenizer.vqgan import VQGAN, VQGANConfig
 
 
-class TokenizerModule(SkipsNonFiniteLoss, L.LightningModule):
+class TokenizerModule(SkipsNonFiniteLoss, ClipsGradientNorm, L.LightningModule):
     stage = "tokenizer"
     optim_key = "tokenizer.optim"
 
@@ -88,7 +89,7 @@ class TokenizerModule(SkipsNonFiniteLoss, L.LightningModule):
             opt_ae.zero_grad(set_to_none=True)
             if finite:
                 self.manual_backward(ae.total)
-                self._clip(opt_ae)
+                self.configure_gradient_clipping(opt_ae)
             opt_ae.step()  # without gradients a no-op, but the batch still counts as a step
         sched_ae.step()
         if not finite:
@@ -100,7 +101,7 @@ class TokenizerModule(SkipsNonFiniteLoss, L.LightningModule):
                 opt_disc.zero_grad(set_to_none=True)
                 if self.loss_is_finite(disc.total):
                     self.manual_backward(disc.total)
-                    self._clip(opt_disc)
+                    self.configure_gradient_clipping(opt_disc)
                     opt_disc.optimizer.step()  # see the module docstring
                 else:
                     self.nonfinite_skipped += 1
@@ -133,14 +134,6 @@ class TokenizerModule(SkipsNonFiniteLoss, L.LightningModule):
             self.log("train/perplexity", stats.perplexity)
             self.log("train/codes_restarted", self.vqgan.quantizer.num_restarted.float())
         return ae.total
-
-    def _clip(self, optimizer) -> None:
-        if self.optim_config.grad_clip > 0:
-            self.clip_gradients(
-                optimizer,
-                gradient_clip_val=self.optim_config.grad_clip,
-                gradient_clip_algorithm="norm",
-            )
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images = batch.image

@@ -18,11 +18,10 @@ from einops import rearrange
 from torch import nn
 
 from tokenizer.base.configs import checked_config, load_config, save_config
+from tokenizer.base.run_dir import CONFIG_FILE, WEIGHTS_FILE
 from tokenizer.base.weights import load_checked_model, save_weights
 from tokenizer.quantizer import QuantizerConfig, VectorQuantizer
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 CONFIG_KIND = "vqgan"
 
 

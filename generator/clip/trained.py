@@ -14,10 +14,8 @@ import open_clip
 from generator.clip.config import CONFIG_KIND, CLIPConfig
 from generator.clip.encoder import OPENAI_MEAN, OPENAI_STD, CLIPEncoder, ImagePreprocess
 from tokenizer.base.configs import load_config, save_config
+from tokenizer.base.run_dir import CONFIG_FILE, WEIGHTS_FILE
 from tokenizer.base.weights import load_checked_model, save_weights
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 def clip_tokenizer(config: CLIPConfig) -> open_clip.SimpleTokenizer:

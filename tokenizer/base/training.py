@@ -30,6 +30,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from tokenizer.base.files import WriteError, atomic_write_bytes, check_writable, remove_temporaries
+from tokenizer.base.run_dir import RunDir
 
 
 def cpu_supports_bf16() -> bool:
@@ -47,13 +48,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
-def checkpoint_dir(run_dir: str | Path, stage: str) -> Path:
-    return Path(run_dir) / "checkpoints" / stage
-
-
 def last_checkpoint(run_dir: str | Path, stage: str) -> Path | None:
     """The checkpoint a rerun resumes from, or None on a fresh run."""
-    path = checkpoint_dir(run_dir, stage) / "last.ckpt"
+    path = RunDir(run_dir).checkpoints(stage) / "last.ckpt"
     return path if path.is_file() else None
 
 
@@ -108,7 +105,7 @@ class BatchReport(TrainerCallback):
 
 def loggers(run_dir: str | Path, stage: str) -> list:
     """CSV logs always; TensorBoard as well where it is installed."""
-    root = Path(run_dir) / "logs"
+    root = RunDir(run_dir).logs(stage).parent
     found = [CSVLogger(root, name=stage, version="")]
     if importlib.util.find_spec("tensorboard") is not None:
         found.append(TensorBoardLogger(root, name=stage, version="", default_hp_metric=False))
@@ -131,7 +128,7 @@ def build_trainer(
     if isinstance(options.get("strategy"), dict):  # a strategy with settings (trainer=fsdp)
         options["strategy"] = instantiate(options["strategy"])
     checkpoints = ModelCheckpoint(
-        dirpath=checkpoint_dir(run_dir, stage),
+        dirpath=RunDir(run_dir).checkpoints(stage),
         every_n_train_steps=checkpoint_every_n_steps,
         save_last=True,
         save_top_k=0,  # last.ckpt is the one a rerun needs
@@ -159,7 +156,7 @@ def fit_and_checkpoint(
     Temporary files a killed run left in RUN/checkpoints/<stage> and RUN/<stage> are removed
     first: they are never read."""
     if trainer.is_global_zero:
-        for folder in (checkpoint_dir(run_dir, stage), Path(run_dir) / stage):
+        for folder in (RunDir(run_dir).checkpoints(stage), Path(run_dir) / stage):
             for stray in remove_temporaries(folder):
                 print(f"Removed {stray}, left half-written by an interrupted run")
     resume_from = last_checkpoint(run_dir, stage)
@@ -173,9 +170,9 @@ def fit_and_checkpoint(
         raise ValueError(
             f"{resume_from} holds pickled objects besides tensors and plain values, so it is not "
             "a checkpoint this project wrote and was not loaded (unpickling it could run any "
-            f"code): delete {checkpoint_dir(run_dir, stage)} to train the {stage} from scratch."
+            f"code): delete {RunDir(run_dir).checkpoints(stage)} to train the {stage} from scratch."
         ) from None
-    final = checkpoint_dir(run_dir, stage) / "last.ckpt"
+    final = RunDir(run_dir).checkpoints(stage) / "last.ckpt"
     trainer.save_checkpoint(final, weights_only=False)  # full state: optimisers too
     return whole_module(trainer, module)
 

@@ -1,0 +1,70 @@
+"""The layout of a run directory: where every stage reads and writes, named once.
+
+    RUN/
+      tokenizer/     stage one's export: model.safetensors + config.json
+      clip/          the CLIP trained here (where the run trains its own): the same two files
+      encoded/       the encoded shards and their manifest.json
+      generator/     stage two's export: model.safetensors + config.json + provenance.json
+      checkpoints/<stage>/   Lightning checkpoints; last.ckpt is what a rerun resumes from
+      logs/<stage>/          metrics.csv, image grids, Hydra's and the pipeline's logs
+      eval.json      scripts/evaluate.py's numbers
+      report.html    scripts/report.py's page
+
+Every exported model folder holds its weights as WEIGHTS_FILE and its config as CONFIG_FILE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory; nothing is created or read by building one."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def clip(self) -> Path:
+        return self.root / "clip"
+
+    @property
+    def encoded(self) -> Path:
+        return self.root / "encoded"
+
+    @property
+    def generator(self) -> Path:
+        return self.root / "generator"
+
+    @property
+    def eval_file(self) -> Path:
+        return self.root / "eval.json"
+
+    @property
+    def report_file(self) -> Path:
+        return self.root / "report.html"
+
+    def checkpoints(self, stage: str) -> Path:
+        return self.root / "checkpoints" / stage
+
+    def logs(self, stage: str) -> Path:
+        return self.root / "logs" / stage
+
+
+def weights_file(model_dir: str | Path) -> Path:
+    return Path(model_dir) / WEIGHTS_FILE
+
+
+def config_file(model_dir: str | Path) -> Path:
+    return Path(model_dir) / CONFIG_FILE
