@@ -1,9 +1,9 @@
 """Text -> images and image -> variations, end to end, from one run directory.
 
     pipeline = Pipeline.from_run_dir("runs/shapes")
-    out = pipeline.text_to_image(["a small red circle in the center"], num_images=8, seed=0)
+    out = pipeline.text_to_image(["a small red circle"], 8, SamplingOptions(cfg_scale=3, seed=0))
     out.images  # (8, 3, H, W) in [0, 1]
-    varied = pipeline.variations(["photo.png"], num_images=4, keep_rows=2)
+    varied = pipeline.variations(["photo.png"], 4, keep_rows=2)
 
 Loading reads RUN/tokenizer, the CLIP the run used (RUN/clip, or the one a config names) and
 RUN/generator, and refuses them unless the generator was trained on this tokenizer's codes and

@@ -263,19 +263,17 @@ def generate(
     used. `options.rerank` is the pipeline's and is not read here. The model runs in eval mode
     and is put back in its previous mode afterwards.
     """
-    return _generate(CachedLogits, model, clip_embedding, options, prefix_codes, generator)
+    return _generate(
+        CachedLogits, model, clip_embedding, options, prefix_codes=prefix_codes, generator=generator
+    )
 
 
 def generate_naive(
-    model: GPT,
-    clip_embedding: torch.Tensor,
-    options: SamplingOptions = PLAIN,
-    *,
-    prefix_codes: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    model: GPT, clip_embedding: torch.Tensor, options: SamplingOptions = PLAIN, **inputs: Any
 ) -> torch.Tensor:
-    """`generate` without the KV cache: the baseline it must match, code for code."""
-    return _generate(RecomputedLogits, model, clip_embedding, options, prefix_codes, generator)
+    """`generate` without the KV cache, taking the same `prefix_codes` and `generator`: the
+    baseline it must match, code for code."""
+    return _generate(RecomputedLogits, model, clip_embedding, options, **inputs)
 
 
 @torch.inference_mode()
@@ -284,8 +282,9 @@ def _generate(
     model: GPT,
     clip_embedding: torch.Tensor,
     options: SamplingOptions,
-    prefix_codes: torch.Tensor | None,
-    generator: torch.Generator | None,
+    *,
+    prefix_codes: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     options.check(model.config.vocab_size)
     check_inputs(model, clip_embedding, prefix_codes, generator, options.seed)

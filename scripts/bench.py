@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from generator.bench import run
 from generator.bench.summary import summary
+from tokenizer.base.cli import run_command
 from tokenizer.base.files import atomic_write_text
 
 
@@ -37,7 +38,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
-    bench(cfg)
+    run_command(bench, cfg)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ from generator.clip import load_clip, record_encoding_clip
 from generator.encoding import encode_run
 from generator.pipeline import resolve_device
 from tokenizer.base.cli import run_command
+from tokenizer.base.run_dir import RunDir
 
 
 def encode(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
+    run = RunDir(run_dir)
     device = resolve_device(cfg.device)
     clip_config = instantiate(cfg.clip, _convert_="all")
     clip = load_clip(clip_config, run_dir, device)
@@ -32,7 +34,7 @@ def encode(cfg: DictConfig) -> None:
         device=device,
         overwrite=cfg.overwrite,
     )
-    record_encoding_clip(clip_config, run_dir / "encoded")
+    record_encoding_clip(clip_config, run.encoded)
     counts = ", ".join(f"{s.name}: {s.num_samples}" for s in outcome.manifest.splits)
     if outcome.already_done:
         print(f"{run_dir / 'encoded'} is already complete ({counts}): nothing to do.")

@@ -32,13 +32,15 @@ from generator.pipeline import Pipeline, resolve_device
 from tokenizer import VQGAN
 from tokenizer.base.cli import run_command
 from tokenizer.base.files import atomic_write_text
+from tokenizer.base.run_dir import RunDir, config_file
 from tokenizer.data import DataConfig, ImageDataModule, build_dataset
 from tokenizer.evaluation import FeatureExtractor, evaluate_tokenizer
 
 
 def clip_in_run(run_dir: Path, device: torch.device) -> CLIPEncoder | None:
     """The CLIP trained into RUN/clip, or None where train_clip has not run."""
-    if not (run_dir / "clip" / "config.json").is_file():
+    run = RunDir(run_dir)
+    if not config_file(run.clip).is_file():
         return None
     return load_clip(CLIPConfig(source="trained"), run_dir, device)
 
@@ -69,8 +71,9 @@ def evaluate_generator_in_run(
 
 def evaluate(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
+    run = RunDir(run_dir)
     device = resolve_device(cfg.device)
-    vqgan = VQGAN.from_pretrained(run_dir / "tokenizer", device=device)
+    vqgan = VQGAN.from_pretrained(run.tokenizer, device=device)
     clip = clip_in_run(run_dir, device)
     with open_dict(cfg):
         cfg.data.image_size = vqgan.config.image_size
@@ -88,12 +91,12 @@ def evaluate(cfg: DictConfig) -> None:
     if clip is not None and on_shapes:
         retrieval = shapes_retrieval(clip, build_dataset(data_config, cfg.split), cfg.max_images)
         results["clip_retrieval"] = dataclasses.asdict(retrieval)
-    if (run_dir / "generator").is_dir():
+    if run.generator.is_dir():
         generator = evaluate_generator_in_run(cfg, run_dir, device, data_config)
         results["generator"] = dataclasses.asdict(generator)
     text = json.dumps(results, indent=2)
-    atomic_write_text(run_dir / "eval.json", text + "\n")
-    print(f"Evaluation written to {run_dir / 'eval.json'}")
+    atomic_write_text(run.eval_file, text + "\n")
+    print(f"Evaluation written to {run.eval_file}")
     print(text)
 
 

@@ -24,11 +24,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from generator.report import headline_numbers
+from generator.shards import MANIFEST_FILE
 from tokenizer.base.cli import run_command
 from tokenizer.base.files import atomic_write_text
+from tokenizer.base.run_dir import RunDir
 
 SCRIPTS = Path(__file__).resolve().parent
-STATE_FILE = "pipeline.json"
 PLAIN_VALUE = re.compile(r"[\w./:+-]+")
 
 
@@ -75,9 +76,9 @@ def _json_tail(stdout: str) -> dict[str, Any]:
         return {}
 
 
-def _last_logged(run_dir: Path, stage: str, key: str) -> float | None:
+def _last_logged(run: RunDir, stage: str, key: str) -> float | None:
     """The last value of `key` in RUN/logs/<stage>/metrics.csv."""
-    path = run_dir / "logs" / stage / "metrics.csv"
+    path = run.logs(stage) / "metrics.csv"
     if not path.is_file():
         return None
     with path.open(newline="") as file:
@@ -85,16 +86,16 @@ def _last_logged(run_dir: Path, stage: str, key: str) -> float | None:
     return float(values[-1]) if values else None
 
 
-def tokenizer_headline(run_dir: Path, stdout: str) -> str:
-    psnr = _last_logged(run_dir, "tokenizer", "val/psnr")
-    usage = _last_logged(run_dir, "tokenizer", "train/usage")
+def tokenizer_headline(run: RunDir, stdout: str) -> str:
+    psnr = _last_logged(run, "tokenizer", "val/psnr")
+    usage = _last_logged(run, "tokenizer", "train/usage")
     return f"val PSNR {psnr or float('nan'):.2f} dB, codebook usage {_percent(usage)}"
 
 
-def clip_headline(run_dir: Path, stdout: str) -> str:
+def clip_headline(run: RunDir, stdout: str) -> str:
     retrieval = _json_tail(stdout).get("clip_retrieval")
     if not retrieval:
-        return f"val image->caption top-1 {_percent(_last_logged(run_dir, 'clip', 'val/image_to_text_top1'))}"
+        return f"val image->caption top-1 {_percent(_last_logged(run, 'clip', 'val/image_to_text_top1'))}"
     return (
         f"image->caption top-1 {_percent(retrieval['seen']['image_to_text_top1'])} on seen, "
         f"{_percent(retrieval['held_out']['image_to_text_top1'])} on held-out combinations "
@@ -102,8 +103,8 @@ def clip_headline(run_dir: Path, stdout: str) -> str:
     )
 
 
-def encode_headline(run_dir: Path, stdout: str) -> str:
-    manifest = json.loads((run_dir / "encoded" / "manifest.json").read_text())
+def encode_headline(run: RunDir, stdout: str) -> str:
+    manifest = json.loads((run.encoded / MANIFEST_FILE).read_text())
     counts = [
         f"{sum(shard['num_samples'] for shard in split['shards']):,} {split['name']}"
         for split in manifest["splits"]
@@ -111,30 +112,30 @@ def encode_headline(run_dir: Path, stdout: str) -> str:
     return "samples encoded: " + ", ".join(counts)
 
 
-def generator_headline(run_dir: Path, stdout: str) -> str:
-    return f"val loss {_last_logged(run_dir, 'generator', 'val/loss') or float('nan'):.3f}"
+def generator_headline(run: RunDir, stdout: str) -> str:
+    return f"val loss {_last_logged(run, 'generator', 'val/loss') or float('nan'):.3f}"
 
 
-def images_headline(run_dir: Path, stdout: str) -> str:
+def images_headline(run: RunDir, stdout: str) -> str:
     written = [line for line in stdout.splitlines() if line.strip().endswith(".png")]
     return f"{len(written)} images written"
 
 
-def last_line_headline(run_dir: Path, stdout: str) -> str:
+def last_line_headline(run: RunDir, stdout: str) -> str:
     lines = stdout.strip().splitlines()
     return lines[-1] if lines else "done"
 
 
-def evaluate_headline(run_dir: Path, stdout: str) -> str:
-    results = json.loads((run_dir / "eval.json").read_text())
+def evaluate_headline(run: RunDir, stdout: str) -> str:
+    results = json.loads(run.eval_file.read_text())
     return "; ".join(f"{name} {value}" for name, value in headline_numbers(results).items())
 
 
-def report_headline(run_dir: Path, stdout: str) -> str:
-    return f"report at {run_dir / 'report.html'}"
+def report_headline(run: RunDir, stdout: str) -> str:
+    return f"report at {run.report_file}"
 
 
-HEADLINES: dict[str, Callable[[Path, str], str]] = {
+HEADLINES: dict[str, Callable[[RunDir, str], str]] = {
     "train_tokenizer": tokenizer_headline,
     "train_clip": clip_headline,
     "encode": encode_headline,
@@ -152,7 +153,7 @@ HEADLINES: dict[str, Callable[[Path, str], str]] = {
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / STATE_FILE
+    path = RunDir(run_dir).pipeline_state
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -190,7 +191,7 @@ def _clock(seconds: float) -> str:
 
 
 def run_pipeline(cfg: DictConfig) -> None:
-    run_dir = Path(cfg.run_dir)
+    run_dir, run = Path(cfg.run_dir), RunDir(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = read_state(run_dir)
     stages = {name: stage for name, stage in cfg.stages.items() if stage is not None}
@@ -222,25 +223,23 @@ def run_pipeline(cfg: DictConfig) -> None:
                 flush=True,
             )
             began = time.monotonic()
-            stdout = run_stage(
-                stage.script, arguments, run_dir / "logs" / "pipeline" / f"{name}.log"
-            )
+            stdout = run_stage(stage.script, arguments, run.logs("pipeline") / f"{name}.log")
             seconds = time.monotonic() - began
-            headline = HEADLINES.get(stage.script, lambda *_: "done")(run_dir, stdout)
+            headline = HEADLINES.get(stage.script, lambda *_: "done")(run, stdout)
             state[name] = {
                 "arguments": arguments,
                 "seconds": round(seconds, 1),
                 "headline": headline,
             }
-            atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
+            atomic_write_text(run.pipeline_state, json.dumps(state, indent=2) + "\n")
             rerun_from_here = True
             line = f"[{number}/{len(stages)}] {name:<11} {_clock(seconds):>7}  {headline}"
         print(line, flush=True)
         summary.append(line)
     print(f"\nPipeline finished in {_clock(time.monotonic() - start)}:")
     print("\n".join(summary))
-    print(f"Pictures: {run_dir / 'samples'}, {run_dir / 'variations'}")
-    print(f"Report:   {run_dir / 'report.html'}")
+    print(f"Pictures: {run.samples}, {run.variations}")
+    print(f"Report:   {run.report_file}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")

@@ -15,13 +15,15 @@ from generator.report import write_report
 from generator.sampling import SamplingOptions
 from tokenizer import VQGAN
 from tokenizer.base.cli import run_command
+from tokenizer.base.run_dir import RunDir
 from tokenizer.data import ImageDataModule
 
 
 def report(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
+    run = RunDir(run_dir)
     with open_dict(cfg):
-        cfg.data.image_size = VQGAN.from_pretrained(run_dir / "tokenizer").config.image_size
+        cfg.data.image_size = VQGAN.from_pretrained(run.tokenizer).config.image_size
     data = ImageDataModule(instantiate(cfg.data, _convert_="all"))
     loader = getattr(data, f"{cfg.split}_dataloader")()
     path = write_report(

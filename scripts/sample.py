@@ -15,6 +15,7 @@ from generator.images import grid_names, output_dir, save_images
 from generator.pipeline import DEFAULT_OPTIONS, Pipeline, resolve_device
 from generator.sampling import SamplingOptions
 from tokenizer.base.cli import run_command
+from tokenizer.base.run_dir import RunDir
 
 
 def quoted_prompt(argument: str) -> str:
@@ -52,7 +53,7 @@ def sample(cfg: DictConfig) -> None:
     options = SamplingOptions.from_settings(cfg, DEFAULT_OPTIONS)
     generated = pipeline.text_to_image(prompts, cfg.num_images, options)
     name = generated.prompts[0] + (f" and {len(prompts) - 1} more" if len(prompts) > 1 else "")
-    directory = Path(cfg.out) if cfg.out else output_dir(run_dir / "samples", name, cfg.seed)
+    directory = Path(cfg.out) if cfg.out else output_dir(RunDir(run_dir).samples, name, cfg.seed)
     names = grid_names(len(prompts), cfg.num_images)
     saved = save_images(directory, generated.images, names, per_row=cfg.num_images)
     print(saved.grid)

@@ -20,12 +20,14 @@ from generator.clip.data import CaptionDataModule
 from generator.clip.evaluation import shapes_retrieval
 from generator.clip.module import CLIPModule
 from tokenizer.base.cli import run_command
+from tokenizer.base.run_dir import RunDir
 from tokenizer.base.training import build_trainer, fit_and_checkpoint
 from tokenizer.data import build_dataset, has_split
 
 
 def train(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
+    run = RunDir(run_dir)
     L.seed_everything(cfg.seed, workers=True)
     data_config = instantiate(cfg.data, _convert_="all")
     clip_config = instantiate(cfg.clip, _convert_="all")
@@ -41,7 +43,7 @@ def train(cfg: DictConfig) -> None:
     module = fit_and_checkpoint(trainer, module, data, run_dir, stage="clip")
     if not trainer.is_global_zero:
         return
-    exported = save_trained_clip(module.model, module.clip_config, run_dir / "clip")
+    exported = save_trained_clip(module.model, module.clip_config, run.clip)
     print(f"CLIP written to {exported}")
     if data_config.source == "shapes" and cfg.eval_images > 0 and has_split(data_config, "test"):
         encoder = load_clip(dataclasses.replace(clip_config, checkpoint=str(exported)))

@@ -23,6 +23,7 @@ from generator.sample_grid import SampleGrid, sample_prompts
 from generator.sampling import SamplingOptions
 from generator.shards import Manifest
 from tokenizer.base.cli import run_command
+from tokenizer.base.run_dir import RunDir
 from tokenizer.base.training import build_trainer, fit_and_checkpoint
 
 
@@ -31,10 +32,11 @@ def sample_grid(cfg: DictConfig, run_dir: Path, manifest: Manifest) -> list[Samp
         return []
     split = "val" if any(record.name == "val" for record in manifest.splits) else "train"
     prompts = sample_prompts(EncodedDataset(run_dir, split, manifest), cfg.samples.num_prompts)
+    run = RunDir(run_dir)
     grid = SampleGrid(
-        run_dir / "tokenizer",
+        run.tokenizer,
         prompts,
-        run_dir / "logs" / "generator" / "samples",
+        run.logs("generator") / "samples",
         every_n_steps=cfg.samples.every_n_steps,
         per_prompt=cfg.samples.per_prompt,
         options=SamplingOptions(cfg_scale=cfg.samples.cfg_scale, seed=cfg.seed),
@@ -44,6 +46,7 @@ def sample_grid(cfg: DictConfig, run_dir: Path, manifest: Manifest) -> list[Samp
 
 def train(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
+    run = RunDir(run_dir)
     L.seed_everything(cfg.seed, workers=True)
     manifest = load_manifest(run_dir)
     plan = manifest.plan
@@ -60,7 +63,7 @@ def train(cfg: DictConfig) -> None:
         plan.tokenizer_fingerprint,
         plan.clip_fingerprint,
         condition.mode,
-        clip=encoding_clip(run_dir / "encoded"),
+        clip=encoding_clip(run.encoded),
     )
     module = GeneratorModule.from_configs(
         model_config,
@@ -81,7 +84,7 @@ def train(cfg: DictConfig) -> None:
     data = EncodedDataModule(run_dir, cfg.data.batch_size, cfg.data.num_workers)
     module = fit_and_checkpoint(trainer, module, data, run_dir, stage="generator")
     if trainer.is_global_zero:
-        exported = save_generator(module.exported_model, provenance, run_dir / "generator")
+        exported = save_generator(module.exported_model, provenance, run.generator)
         print(f"Generator written to {exported}")
 
 

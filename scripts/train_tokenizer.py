@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tokenizer.base.cli import run_command
+from tokenizer.base.run_dir import RunDir
 from tokenizer.base.training import build_trainer, fit_and_checkpoint
 from tokenizer.data import ImageDataModule
 from tokenizer.module import TokenizerModule
@@ -20,6 +21,7 @@ from tokenizer.module import TokenizerModule
 
 def train(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
+    run = RunDir(run_dir)
     L.seed_everything(cfg.seed, workers=True)
     data_config = instantiate(cfg.data, _convert_="all")
     model_config = instantiate(cfg.tokenizer.model, _convert_="all")
@@ -35,7 +37,7 @@ def train(cfg: DictConfig) -> None:
         instantiate(cfg.tokenizer.loss, _convert_="all"),
         instantiate(cfg.tokenizer.optim, _convert_="all"),
         disc_lr=cfg.tokenizer.disc_lr,
-        image_dir=str(run_dir / "logs" / "tokenizer" / "images"),
+        image_dir=str(run.logs("tokenizer") / "images"),
     )
     trainer = build_trainer(
         OmegaConf.to_container(cfg.trainer, resolve=True),
@@ -45,7 +47,7 @@ def train(cfg: DictConfig) -> None:
     )
     module = fit_and_checkpoint(trainer, module, data, run_dir, stage="tokenizer")
     if trainer.is_global_zero:
-        exported = module.vqgan.save_pretrained(run_dir / "tokenizer")
+        exported = module.vqgan.save_pretrained(run.tokenizer)
         print(f"Tokenizer written to {exported}")
 
 

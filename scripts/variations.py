@@ -15,6 +15,7 @@ from generator.images import grid_names, output_dir, save_images
 from generator.pipeline import DEFAULT_OPTIONS, Pipeline, resolve_device
 from generator.sampling import SamplingOptions
 from tokenizer.base.cli import run_command
+from tokenizer.base.run_dir import RunDir
 
 
 def make_variations(cfg: DictConfig) -> None:
@@ -29,7 +30,7 @@ def make_variations(cfg: DictConfig) -> None:
     options = SamplingOptions.from_settings(cfg, DEFAULT_OPTIONS)
     varied = pipeline.variations(image, cfg.num_images, options, keep_rows=cfg.keep_rows)
     directory = (
-        Path(cfg.out) if cfg.out else output_dir(run_dir / "variations", image.stem, cfg.seed)
+        Path(cfg.out) if cfg.out else output_dir(RunDir(run_dir).variations, image.stem, cfg.seed)
     )
     images = torch.cat([varied.sources, varied.images])
     names = ["source", *grid_names(1, cfg.num_images)]

@@ -1,3 +1,5 @@
+"""The GPT and its one-code step: shapes, embeddings, the KV cache and the fast step against the full forward pass."""
+
 import ast
 import math
 

@@ -1,3 +1,5 @@
+"""Stage-one losses: the adaptive weight, the hinge GAN and its warm-up, LeCam, edge weighting and LPIPS's weights."""
+
 import pytest
 import torch
 import torchvision

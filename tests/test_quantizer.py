@@ -1,3 +1,5 @@
+"""The vector quantizer: nearest codes, the straight-through gradient, EMA updates, dead-code restarts and usage."""
+
 import pytest
 import torch
 

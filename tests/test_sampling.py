@@ -1,3 +1,5 @@
+"""Sampling: filtering, the draw, guidance, seeds, prefix codes, and cached against naive generation."""
+
 import math
 
 import pytest

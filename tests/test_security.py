@@ -2,7 +2,7 @@
 
 A run directory may be downloaded from anywhere. Loading one reads JSON and safetensors only and
 never unpickles; builds no model its config.json describes before the weights file vouches for
-every tensor (tokenizer/weights.py); and refuses what it cannot use with a sentence that says
+every tensor (tokenizer/base/weights.py); and refuses what it cannot use with a sentence that says
 what to do.
 """
 

@@ -1,3 +1,5 @@
+"""The VQ-GAN and its evaluation: encode and decode shapes, export and loading, PSNR, Fréchet distance and the checker ratio."""
+
 import json
 
 import pytest

@@ -7,8 +7,10 @@
       generator/     stage two's export: model.safetensors + config.json + provenance.json
       checkpoints/<stage>/   Lightning checkpoints; last.ckpt is what a rerun resumes from
       logs/<stage>/          metrics.csv, image grids, Hydra's and the pipeline's logs
+      samples/, variations/  what scripts/sample.py and scripts/variations.py write
       eval.json      scripts/evaluate.py's numbers
       report.html    scripts/report.py's page
+      pipeline.json  which stages scripts/pipeline.py finished, with which settings
 
 Every exported model folder holds its weights as WEIGHTS_FILE and its config as CONFIG_FILE.
 """
@@ -48,12 +50,24 @@ class RunDir:
         return self.root / "generator"
 
     @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def variations(self) -> Path:
+        return self.root / "variations"
+
+    @property
     def eval_file(self) -> Path:
         return self.root / "eval.json"
 
     @property
     def report_file(self) -> Path:
         return self.root / "report.html"
+
+    @property
+    def pipeline_state(self) -> Path:
+        return self.root / "pipeline.json"
 
     def checkpoints(self, stage: str) -> Path:
         return self.root / "checkpoints" / stage

@@ -1,9 +1,8 @@
-"""Lightning wiring shared by every training stage: run directory layout, trainer, resume.
+"""Lightning wiring shared by every training stage: the trainer, checkpoints and resume.
 
-Every stage trains into one run directory:
-    RUN/<stage>/              exported inference weights (safetensors + config.json)
-    RUN/checkpoints/<stage>/  Lightning checkpoints, `last.ckpt` is what a rerun resumes from
-    RUN/logs/<stage>/         CSV (and TensorBoard where installed) logs and image grids
+Every stage trains into one run directory (tokenizer/base/run_dir.py): RUN/<stage>/ for the
+exported weights, RUN/checkpoints/<stage>/ for Lightning's checkpoints (`last.ckpt` is what a
+rerun resumes from), RUN/logs/<stage>/ for CSV (and TensorBoard where installed) logs.
 
 The same code runs on one device and under data parallelism (trainer=ddp or trainer=fsdp,
 launched by torchrun or SLURM): Lightning splits map-style data between ranks with its
