@@ -3,7 +3,7 @@
     python scripts/evaluate.py run_dir=RUN [data=...] [split=test] [max_images=1000]
 
 Tokenizer: reconstruction metrics (and a Fréchet distance in CLIP image-feature space when
-RUN/clip holds a CLIP). CLIP, where present: zero-shot retrieval on the shapes benchmark.
+RUN/clip holds a CLIP). CLIP, where present: zero-shot retrieval and the swap probe on shapes.
 Generator, where RUN/generator exists: CLIP score and Fréchet distance of samples, on shapes
 caption accuracy by the attribute checker (with and without guidance), and the consistency
 and diversity of variations; see generator/evaluation.py.
@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from generator.clip import CLIPConfig, CLIPEncoder, load_clip
-from generator.clip.evaluation import shapes_retrieval
+from generator.clip.evaluation import shapes_retrieval, swap_probe
 from generator.evaluation import (
     GeneratorMetrics,
     caption_prompts,
@@ -89,8 +89,10 @@ def evaluate(cfg: DictConfig) -> None:
     )
     results = {"split": cfg.split, "tokenizer": dataclasses.asdict(tokenizer)}
     if clip is not None and on_shapes:
-        retrieval = shapes_retrieval(clip, build_dataset(data_config, cfg.split), cfg.max_images)
+        split = build_dataset(data_config, cfg.split)
+        retrieval = shapes_retrieval(clip, split, cfg.max_images)
         results["clip_retrieval"] = dataclasses.asdict(retrieval)
+        results["clip_swap_probe"] = swap_probe(clip, split, cfg.max_images).as_dict()
     if run.generator.is_dir():
         generator = evaluate_generator_in_run(cfg, run_dir, device, data_config)
         results["generator"] = dataclasses.asdict(generator)

@@ -1,7 +1,6 @@
-"""CLIP through open_clip: three sources, one interface; training, export and retrieval."""
+"""CLIP through open_clip: three sources, one interface; batches, training and export."""
 
 import csv
-import dataclasses
 import json
 import subprocess
 import sys
@@ -26,17 +25,8 @@ from generator.clip import (
     save_trained_clip,
 )
 from generator.clip.data import CaptionDataModule, CaptionedImage, DistinctCaptions
-from generator.clip.evaluation import in_batch_retrieval, shapes_retrieval
-from tokenizer.data import DataConfig, Sample, build_dataset
-from tokenizer.shapes import (
-    SHAPES,
-    Scene,
-    ShapeObject,
-    attribute_combinations,
-    canonical_caption,
-    check,
-    is_held_out,
-)
+from tokenizer.data import DataConfig, build_dataset
+from tokenizer.shapes import Scene, ShapeObject, canonical_caption
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARCH = "test-tiny-clip"  # an open_clip architecture registered by the fixture below
@@ -318,83 +308,6 @@ def test_training_captions_can_be_canonical_and_validation_keeps_the_sampled_one
 
 
 # ---------------------------------------------------------------------------------------------
-# Retrieval
-
-
-class CheckerCLIP:
-    """An oracle with the encoder's interface: one-hot embeddings of the attribute combination,
-    read from pixels by the shapes checker, so its retrieval must be (almost) perfect."""
-
-    def __init__(self) -> None:
-        self.captions = [canonical_caption(scene) for scene in attribute_combinations()]
-        self.index = {scene: k for k, scene in enumerate(attribute_combinations())}
-        self.embed_dim = len(self.captions)
-
-    def one_hot(self, indices: list[int]) -> torch.Tensor:
-        return F.one_hot(torch.tensor(indices), self.embed_dim).float()
-
-    def encode_text(self, captions, batch_size: int = 256) -> torch.Tensor:
-        return self.one_hot([self.captions.index(caption) for caption in captions])
-
-    def encode_image(self, images, batch_size: int = 256) -> torch.Tensor:
-        return self.one_hot([self.index.get(check(image), 0) for image in images])
-
-
-def test_shapes_retrieval_counts_one_object_test_images():
-    dataset = build_dataset(DataConfig(num_test=400, image_size=32), "test")
-    scores = shapes_retrieval(CheckerCLIP(), dataset, max_images=300)
-    one_object = sum(len(dataset.example(i).scene.objects) == 1 for i in range(300))
-    assert scores.seen.num_images + scores.held_out.num_images == one_object
-    assert scores.held_out.num_images > 0
-    assert scores.held_out_among_held_out >= scores.held_out.image_to_text_top1 >= 0.97
-    for group in (scores.seen, scores.held_out):
-        assert group.image_to_text_top1 >= 0.97 and group.text_to_image_top1 >= 0.97
-        assert group.image_to_text_top5 >= group.image_to_text_top1
-        assert 0 < group.num_texts <= group.num_images
-
-
-def test_conventional_zero_shot_ranks_only_the_held_out_captions():
-    class PrefersSeenPairs(CheckerCLIP):
-        """Reads a held-out pair as the seen pair of its colour with the next shape."""
-
-        def encode_image(self, images, batch_size: int = 256) -> torch.Tensor:
-            right = super().encode_image(images)
-            scenes = [check(image) for image in images]
-            for row, scene in enumerate(scenes):
-                if is_held_out(scene):
-                    obj = scene.objects[0]
-                    shape = SHAPES[(SHAPES.index(obj.shape) + 1) % len(SHAPES)]
-                    seen = dataclasses.replace(
-                        scene, objects=(dataclasses.replace(obj, shape=shape),)
-                    )
-                    right[row] = right[row] * 0.9 + self.one_hot([self.index[seen]])[0]
-            return right
-
-    dataset = build_dataset(DataConfig(num_test=400, image_size=32), "test")
-    scores = shapes_retrieval(PrefersSeenPairs(), dataset, max_images=300)
-    assert scores.held_out.image_to_text_top1 == 0.0
-    assert scores.held_out_among_held_out == 1.0
-    assert scores.seen.image_to_text_top1 == 1.0
-
-
-def test_in_batch_retrieval_counts_repeated_captions_as_hits():
-    class Lookup:  # embeds an image by its first pixel, a caption by its text
-        def encode_image(self, images):
-            return F.one_hot(images[:, 0, 0, 0].long(), 3).float()
-
-        def encode_text(self, captions):
-            return F.one_hot(torch.tensor([["a", "b", "c"].index(c) for c in captions]), 3).float()
-
-    image = torch.tensor([0.0, 1.0, 0.0, 2.0]).view(4, 1, 1, 1).expand(4, 3, 2, 2)
-    batch = Sample(image, ["a", "b", "a", "c"])
-    scores = in_batch_retrieval(Lookup(), [batch])
-    assert scores.image_to_text_top1 == scores.text_to_image_top1 == 1.0
-    assert scores.num_images == 4
-    wrong = Sample(image, ["b", "a", "b", "c"])
-    assert in_batch_retrieval(Lookup(), [wrong]).image_to_text_top1 == 0.25
-
-
-# ---------------------------------------------------------------------------------------------
 # scripts/train_clip.py
 
 TRAIN = [
@@ -458,6 +371,9 @@ def test_training_lowers_the_loss_and_exports_the_trained_clip(trained_run):
     summary = json.loads(result.stdout.strip().splitlines()[-1])["clip_retrieval"]
     assert set(summary) == {"seen", "held_out", "held_out_among_held_out"}
     assert summary["seen"]["num_images"] > 0
+    probe = json.loads(result.stdout.strip().splitlines()[-1])["clip_swap_probe"]
+    assert set(probe) == {"color", "shape", "size", "relation"}
+    assert probe["relation"]["num_images"] > 0 and 0 <= probe["relation"]["percent_right"] <= 100
 
 
 @pytest.mark.slow

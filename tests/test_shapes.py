@@ -11,6 +11,7 @@ from tokenizer.shapes import (
     HELD_OUT,
     SIZES,
     SPLITS,
+    Query,
     Scene,
     ShapeObject,
     ShapesConfig,
@@ -26,6 +27,7 @@ from tokenizer.shapes import (
     sample_caption,
     scene_matches,
 )
+from tokenizer.shapes.swaps import SWAPS, swapped_caption, swapped_twins
 
 
 def _accuracy(split: str, objects: int, count: int, degraded: bool, image_size: int = 32) -> float:
@@ -173,3 +175,57 @@ def test_small_shapes_span_more_than_one_code():
 def test_draw_shows_the_scene_it_is_given():
     for scene in attribute_combinations()[::5]:  # every attribute value, both backgrounds
         assert check(draw(scene, 32)) == scene
+
+
+def _exchanged(query: Query, swap: str) -> Query:
+    """What a caption's parse becomes after `swap`: that one field exchanged or turned round."""
+    if swap == "relation":
+        turned = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+        return dataclasses.replace(query, relation=turned[query.relation])
+    first, second = query.objects
+    return dataclasses.replace(
+        query,
+        objects=(
+            dataclasses.replace(first, **{swap: getattr(second, swap)}),
+            dataclasses.replace(second, **{swap: getattr(first, swap)}),
+        ),
+    )
+
+
+def test_each_swap_changes_exactly_one_thing_and_breaks_the_match():
+    config = ShapesConfig(image_size=32, min_objects=2, max_objects=2)
+    made = dict.fromkeys(SWAPS, 0)
+    for index in range(60):
+        scene = generate(config, "train", index).scene
+        captions = {canonical_caption(scene)}
+        captions |= {sample_caption(scene, np.random.default_rng(seed)) for seed in range(4)}
+        for caption in captions:
+            query = parse_caption(caption)
+            for swap, twin in swapped_twins(caption).items():
+                assert parse_caption(twin) == _exchanged(query, swap), (caption, twin)
+                assert not scene_matches(scene, twin), (caption, twin)
+                made[swap] += 1
+    assert all(count > 20 for count in made.values()), made
+
+
+def test_swaps_that_would_change_nothing_give_none():
+    caption = "a small red circle to the left of a large red square on a white background"
+    assert swapped_caption(caption, "color") is None  # both red
+    assert swapped_caption(caption, "shape") == (
+        "a small red square to the left of a large red circle on a white background"
+    )
+    assert swapped_caption(caption, "relation") == (
+        "a small red circle to the right of a large red square on a white background"
+    )
+    assert swapped_caption("a red circle above a large blue square", "size") is None
+    assert swapped_caption("a small cyan square below a small cyan square", "relation") is None
+    assert (
+        swapped_caption("a red circle on the left and a blue square on the right", "relation")
+        is None
+    )
+    assert swapped_twins("a large red circle in the center on a white background") == {}
+    assert swapped_caption("A big violet circle below a tiny red square", "color") == (
+        "a big red circle below a tiny purple square"
+    )
+    with pytest.raises(ValueError, match="use one of"):
+        swapped_caption(caption, "background")

@@ -7,13 +7,15 @@
     trained     a small CLIP trained by scripts/train_clip.py, read from RUN/clip/ (trained.py)
 
 Whatever the source, `load_clip` (loading.py) returns a `CLIPEncoder` (encoder.py) that turns
-captions and images (tensors in [-1, 1]) into l2-normalised embeddings. The small CLIP is
+captions and images (tensors in [-1, 1]) into l2-normalised embeddings, and into each tower's
+per-token features (towers.py says where open_clip keeps them). The small CLIP is
 trained here by `CLIPModule` (module.py) on captioned images batched without false negatives
-(data.py), and scored by retrieval (evaluation.py). `CLIPConfig` (config.py) names which CLIP.
+(data.py), with its captions' swapped twins as hard negatives (loss.py), and scored by retrieval
+and the swap probe (evaluation.py). `CLIPConfig` (config.py) names which CLIP.
 """
 
 from generator.clip.config import CLIPConfig
-from generator.clip.encoder import CLIPEncoder, ImagePreprocess
+from generator.clip.encoder import CLIPEncoder, ImagePreprocess, ImageTokens, TextTokens
 from generator.clip.loading import encoding_clip, load_clip, record_encoding_clip
 from generator.clip.trained import build_small_clip, clip_tokenizer, save_trained_clip
 from generator.clip.zoo import MissingCLIPWeightsError
@@ -22,7 +24,9 @@ __all__ = [
     "CLIPConfig",
     "CLIPEncoder",
     "ImagePreprocess",
+    "ImageTokens",
     "MissingCLIPWeightsError",
+    "TextTokens",
     "build_small_clip",
     "clip_tokenizer",
     "encoding_clip",

@@ -14,6 +14,12 @@ some of which leave attributes out, and it is the phrasing zero-shot retrieval r
 trained on canonical captions alone would read other phrasings ("a red circle") poorly, so
 the rest keep the sampled caption.
 
+With `hard_negatives`, each training batch also carries its two-object captions' swapped twins
+(the same caption with the colours, shapes or sizes of its two objects exchanged, or its
+relation turned round; tokenizer/shapes/swaps.py): captions no image of the batch shows, which
+CLIPModule adds to the text side as extra negatives (NegCLIP's recipe). A twin that describes
+any image of the batch is left out, as are twins of captions that cannot be parsed.
+
 Under DDP each rank batches its own share of the data (Lightning's distributed sampler, or
 ShardDataset's split of the shards); the ranks' batches then differ in size, and CLIPModule
 trims them to the smallest before gathering features across ranks.
@@ -37,6 +43,7 @@ from tokenizer.shapes import (
     parse_caption,
     scene_matches,
 )
+from tokenizer.shapes.swaps import swapped_twins
 
 CACHE_BYTES = 1 << 30  # shapes splits whose uint8 pixels fit are drawn once, then kept
 
@@ -50,6 +57,7 @@ class CaptionedImage(NamedTuple):
 class CaptionBatch(NamedTuple):
     images: torch.Tensor  # (B, 3, H, W)
     captions: list[str]  # B captions, none of which describes another item's image
+    negatives: tuple[str, ...] = ()  # captions none of the B images shows (hard negatives)
 
 
 class CaptionedDataset(Dataset):
@@ -123,10 +131,14 @@ def _parse(caption: str) -> Query | None:
 
 
 class DistinctCaptions:
-    """Collate that keeps, in order, each item whose caption is not confusable with a kept one.
+    """Collate that keeps, in order, each item whose caption is not confusable with a kept one;
+    with `hard_negatives`, also the kept captions' swapped twins that fit no kept image.
 
     A class, not a closure, so DataLoader workers started by spawn can unpickle it.
     """
+
+    def __init__(self, hard_negatives: bool = False) -> None:
+        self.hard_negatives = hard_negatives
 
     def __call__(self, items: Sequence[CaptionedImage]) -> CaptionBatch:
         kept: list[CaptionedImage] = []
@@ -145,19 +157,46 @@ class DistinctCaptions:
             captions.add(caption.lower())
             kept.append(item)
         images = torch.stack([item.image for item in kept]) if kept else torch.empty(0, 3, 0, 0)
-        return CaptionBatch(images, [item.caption.strip() for item in kept])
+        negatives = self._negatives(kept, scenes) if self.hard_negatives else ()
+        return CaptionBatch(images, [item.caption.strip() for item in kept], negatives)
 
     @staticmethod
     def _confusable(scene: Scene, query: Query, other: _Kept) -> bool:
         return scene_matches(other.scene, query) or scene_matches(scene, other.query)
 
+    @staticmethod
+    def _negatives(
+        kept: Sequence[CaptionedImage], scenes: dict[tuple, list[_Kept]]
+    ) -> tuple[str, ...]:
+        """The swapped twins of the kept shapes captions that no kept scene satisfies, once each.
+
+        Only scenes with the twin's colour-shape pairs can satisfy it (see `_objects_key`); a
+        twin that leaves a colour or a shape unnamed could fit too many scenes, and is left out.
+        """
+        negatives: dict[str, None] = {}
+        for item in kept:
+            if item.scene is None:
+                continue
+            for twin in swapped_twins(item.caption.strip()).values():
+                query = _parse(twin)
+                pairs = [(obj.color, obj.shape) for obj in query.objects] if query else [(None,)]
+                if twin in negatives or any(None in pair for pair in pairs):
+                    continue
+                fitting = scenes.get(tuple(sorted(pairs)), [])
+                if not any(scene_matches(other.scene, query) for other in fitting):
+                    negatives[twin] = None
+        return tuple(negatives)
+
 
 class CaptionDataModule(L.LightningDataModule):
     """Train/val loaders of distinct-caption batches from any data source; on shapes,
-    `canonical_fraction` of the training captions are canonical (validation keeps the sampled
-    ones)."""
+    `canonical_fraction` of the training captions are canonical and, with `hard_negatives`,
+    training batches carry their captions' swapped twins (validation keeps the sampled captions
+    and no twins, so its loss stays CLIP's own)."""
 
-    def __init__(self, config: DataConfig, canonical_fraction: float = 0.0) -> None:
+    def __init__(
+        self, config: DataConfig, canonical_fraction: float = 0.0, hard_negatives: bool = False
+    ) -> None:
         super().__init__()
         if not 0 <= canonical_fraction <= 1:
             raise ValueError(
@@ -166,6 +205,7 @@ class CaptionDataModule(L.LightningDataModule):
             )
         self.config = config
         self.canonical_fraction = canonical_fraction
+        self.hard_negatives = hard_negatives
 
     def _dataset(self, split: str) -> Dataset:
         dataset = build_dataset(self.config, split)
@@ -177,9 +217,9 @@ class CaptionDataModule(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader | list:
         if not has_split(self.config, split):
             return []  # Lightning runs no loop for an empty list
-        return make_loader(
-            self._dataset(split), self.config, train=split == "train", collate_fn=DistinctCaptions()
-        )
+        train = split == "train"
+        collate = DistinctCaptions(hard_negatives=self.hard_negatives and train)
+        return make_loader(self._dataset(split), self.config, train=train, collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

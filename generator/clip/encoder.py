@@ -1,14 +1,16 @@
 """The frozen CLIP encoder: `CLIPEncoder` turns captions and images (tensors in [-1, 1]) into
 l2-normalised embeddings, with the model's own tokenizer, and `ImagePreprocess` does the
 model's own resize + mean/std normalisation as tensor ops on the batch. `fingerprint` names the
-exact weights and preprocessing an encoder holds.
+exact weights and preprocessing an encoder holds. Beside the pooled embedding, the encoder gives
+each tower's per-token output (`TextTokens`, `ImageTokens`; see towers.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import open_clip
 import torch
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from generator.clip.config import CLIPConfig
+from generator.clip.towers import captured_output, text_tower, vision_tower
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default image normalisation
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -80,6 +83,25 @@ class ImagePreprocess:
 Tokenize = Callable[[list[str]], torch.Tensor]  # captions -> (B, context_length) token ids
 
 
+class TextTokens(NamedTuple):
+    pooled: torch.Tensor  # (B, E) float32 unit vectors, exactly what encode_text returns
+    features: torch.Tensor  # (B, L, W) float32: the text tower's last hidden states after its
+    # final norm (before pooling and projection); L the context length; zeros at padding
+    mask: torch.Tensor  # (B, L) bool, True at real tokens (start token, words, end token)
+
+
+class ImageTokens(NamedTuple):
+    pooled: torch.Tensor  # (B, E) float32 unit vectors, exactly what encode_image returns
+    features: torch.Tensor  # (B, N, W') float32: the vision tower's per-patch output after its
+    # final norm (no class token, before the projection)
+
+
+def _pad_id(tokenize: Tokenize) -> int:
+    """The token id that pads captions: a Hugging Face tokenizer's own, else open_clip's 0."""
+    pad_id = getattr(getattr(tokenize, "tokenizer", None), "pad_token_id", None)
+    return 0 if pad_id is None else int(pad_id)
+
+
 class CLIPEncoder(nn.Module):
     """Frozen CLIP: captions or images in, l2-normalised embeddings (B, embed_dim) out.
 
@@ -115,33 +137,85 @@ class CLIPEncoder(nn.Module):
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Captions -> (B, E) unit vectors."""
-        if isinstance(captions, str):
-            raise TypeError("encode_text takes a list of captions; wrap a single one in a list.")
-        chunks = []
-        for start in range(0, len(captions), batch_size):
-            tokens = self.tokenize(list(captions[start : start + batch_size])).to(self.device)
-            features = self.model.encode_text(tokens)  # (b, E)
-            chunks.append(F.normalize(features.float(), dim=-1))
-        return self._concat(chunks)
+        chunks = [self._pooled_text(tokens) for tokens in self._tokens(captions, batch_size)]
+        return self._concat(chunks, self.embed_dim)
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Images (B, 3, H, W) float in [-1, 1], any size -> (B, E) unit vectors."""
+        chunks = [self._pooled_image(pixels) for pixels in self._pixels(images, batch_size)]
+        return self._concat(chunks, self.embed_dim)
+
+    @property
+    def text_token_shape(self) -> tuple[int, int]:
+        """(L, W): tokens per caption (the context length) and the text tower's width."""
+        tower = text_tower(self.model)
+        return tower.length, tower.width
+
+    @property
+    def image_token_shape(self) -> tuple[int, int]:
+        """(N, W'): patches per image and the vision tower's width."""
+        tower = vision_tower(self.model)
+        return tower.length, tower.width
+
+    @torch.no_grad()
+    def encode_text_tokens(self, captions: Sequence[str], batch_size: int = 256) -> TextTokens:
+        """Captions -> their pooled embedding and the text tower's per-token output."""
+        tower = text_tower(self.model)
+        pooled, features, masks = [], [], []
+        for tokens in self._tokens(captions, batch_size):
+            with captured_output(tower, tokens.shape[0]) as hidden:
+                pooled.append(self._pooled_text(tokens))
+            mask = tokens != _pad_id(self.tokenize)
+            features.append(hidden() * mask.unsqueeze(-1))
+            masks.append(mask)
+        shape = self.text_token_shape
+        return TextTokens(
+            self._concat(pooled, self.embed_dim),
+            self._concat(features, *shape),
+            self._concat(masks, shape[0]).bool(),
+        )
+
+    @torch.no_grad()
+    def encode_image_tokens(self, images: torch.Tensor, batch_size: int = 256) -> ImageTokens:
+        """Images (B, 3, H, W) in [-1, 1] -> their pooled embedding and per-patch output."""
+        tower = vision_tower(self.model)
+        pooled, features = [], []
+        for pixels in self._pixels(images, batch_size):
+            with captured_output(tower, pixels.shape[0]) as patches:
+                pooled.append(self._pooled_image(pixels))
+            features.append(patches())
+        return ImageTokens(
+            self._concat(pooled, self.embed_dim), self._concat(features, *self.image_token_shape)
+        )
+
+    def _tokens(self, captions: Sequence[str], batch_size: int) -> Iterator[torch.Tensor]:
+        """(b, context_length) token ids of each chunk of captions, on the encoder's device."""
+        if isinstance(captions, str):
+            raise TypeError("encode_text takes a list of captions; wrap a single one in a list.")
+        for start in range(0, len(captions), batch_size):
+            yield self.tokenize(list(captions[start : start + batch_size])).to(self.device)
+
+    def _pixels(self, images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        """Each chunk of images as the model's input, on the encoder's device."""
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(
                 f"encode_image takes float images of shape (B, 3, H, W) in [-1, 1], got "
                 f"{images.dtype} of shape {tuple(images.shape)}; convert them first."
             )
-        chunks = []
         for start in range(0, images.shape[0], batch_size):
-            pixels = self.preprocess(images[start : start + batch_size].to(self.device))
-            features = self.model.encode_image(pixels)  # (b, E)
-            chunks.append(F.normalize(features.float(), dim=-1))
-        return self._concat(chunks)
+            yield self.preprocess(images[start : start + batch_size].to(self.device))
 
-    def _concat(self, chunks: list[torch.Tensor]) -> torch.Tensor:
+    def _pooled_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)  # (b, E)
+
+    def _pooled_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(pixels).float(), dim=-1)  # (b, E)
+
+    def _concat(self, chunks: list[torch.Tensor], *shape: int) -> torch.Tensor:
+        """The chunks as one batch, or an empty batch of items of `shape` where none."""
         if not chunks:
-            return torch.empty(0, self.embed_dim, device=self.device)
+            return torch.empty(0, *shape, device=self.device)
         return torch.cat(chunks)
 
     def fingerprint(self) -> str:

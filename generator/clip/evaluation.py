@@ -13,6 +13,13 @@ pair the training split never shows, `shapes.is_held_out`). Ranking all 648 capt
 generalised zero-shot count, where a held-out image competes with the seen captions its model
 was trained on; `held_out_among_held_out` is the conventional zero-shot count: image -> caption
 top-1 of held-out images among the held-out combinations' captions only.
+
+The swap probe asks whether CLIP binds attributes to objects and reads their relation. Each
+two-object test image's canonical caption competes with its swapped twins, one at a time: the
+colours, the shapes or the sizes of its two objects exchanged, or its relation turned round
+("left of" <-> "right of", "above" <-> "below"). A swap scores the percentage of images whose
+true caption CLIP scores strictly higher than the twin (a tie is a miss: a CLIP that cannot
+tell them apart scores 0%); images whose objects share the swapped attribute have no twin for it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 from generator.clip.encoder import CLIPEncoder
 from tokenizer.data import Sample, ShapesDataset
 from tokenizer.shapes import attribute_combinations, canonical_caption, is_held_out
+from tokenizer.shapes.swaps import SWAPS, swapped_caption
 
 TOP_K = (1, 5)
 
@@ -47,6 +55,24 @@ class ShapesRetrieval:
     seen: RetrievalScores  # test images of combinations the training split shows
     held_out: RetrievalScores  # test images of held-out colour-shape pairs
     held_out_among_held_out: float  # their top-1 among held-out combinations' captions only
+
+
+class SwapScore(NamedTuple):
+    percent_right: float  # % of probed images whose true caption beats the twin; nan if none
+    num_images: int  # two-object images whose caption has this twin
+
+
+class SwapProbe(NamedTuple):
+    """One SwapScore per swap of tokenizer.shapes.swaps.SWAPS."""
+
+    color: SwapScore
+    shape: SwapScore
+    size: SwapScore
+    relation: SwapScore
+
+    def as_dict(self) -> dict[str, dict[str, float | int]]:
+        """{"color": {"percent_right": ..., "num_images": ...}, ...}, for JSON."""
+        return {swap: score._asdict() for swap, score in self._asdict().items()}
 
 
 class InBatchAccuracy(NamedTuple):
@@ -190,3 +216,43 @@ def in_batch_retrieval(
         {k: torch.cat(hits) for k, hits in image_hits.items()},
         {k: torch.cat(hits) for k, hits in text_hits.items()},
     )
+
+
+class _TwoObjectImages(NamedTuple):
+    images: torch.Tensor  # (N, 3, H, W) in [-1, 1]
+    captions: list[str]  # N canonical captions
+
+
+def _two_object_images(dataset: ShapesDataset, max_images: int | None) -> _TwoObjectImages:
+    images, captions = [], []
+    for index in range(min(len(dataset), max_images or len(dataset))):
+        example = dataset.example(index)
+        if len(example.scene.objects) == 2:
+            images.append(torch.from_numpy(example.image).permute(2, 0, 1).float() / 127.5 - 1)
+            captions.append(canonical_caption(example.scene))
+    size = dataset.config.image_size
+    return _TwoObjectImages(
+        torch.stack(images) if images else torch.empty(0, 3, size, size), captions
+    )
+
+
+@torch.no_grad()
+def swap_probe(
+    encoder: CLIPEncoder,
+    dataset: ShapesDataset,
+    max_images: int | None = None,
+    batch_size: int = 256,
+) -> SwapProbe:
+    """The swap probe on the two-object images among a shapes split's first `max_images`
+    (see the module docstring)."""
+    images, captions = _two_object_images(dataset, max_images)
+    image = encoder.encode_image(images, batch_size).cpu()  # (N, E)
+    true = (image * encoder.encode_text(captions, batch_size).cpu()).sum(dim=1)  # (N,)
+    scores = {}
+    for swap in SWAPS:
+        twins = {row: swapped_caption(caption, swap) for row, caption in enumerate(captions)}
+        rows = [row for row, twin in twins.items() if twin is not None]
+        twin = encoder.encode_text([twins[row] for row in rows], batch_size).cpu()  # (n, E)
+        right = true[rows] > (image[rows] * twin).sum(dim=1)
+        scores[swap] = SwapScore(100 * _mean(right), len(rows))
+    return SwapProbe(**scores)

@@ -6,6 +6,10 @@ a learnable temperature: the logits are `exp(logit_scale) * cos(image, text)`, w
 falls below 1/100. Images go through the same `ImagePreprocess` that `CLIPEncoder` applies
 later, so training and inference see identical inputs. A step whose loss is NaN or infinite
 changes nothing (see SkipsNonFiniteLoss).
+
+With `hard_negatives`, training steps use `HardNegativeLoss` (loss.py): the swapped twins the
+batch carries (data.py) become extra negative captions of every image. Validation keeps CLIP's
+own loss, so runs with and without them log comparable validation losses.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from generator.clip.config import CLIPConfig
 from generator.clip.data import CaptionBatch
 from generator.clip.encoder import ImagePreprocess
 from generator.clip.evaluation import in_batch_accuracy
+from generator.clip.loss import HardNegativeLoss
 from generator.clip.trained import build_small_clip, clip_tokenizer
 from tokenizer.base.configs import dataclass_from_dict
 from tokenizer.base.optim import (
@@ -44,7 +49,7 @@ class CLIPModule(SkipsNonFiniteLoss, ClipsGradientNorm, L.LightningModule):
     stage = "clip"
     optim_key = "optim"
 
-    def __init__(self, clip: dict, optim: dict) -> None:
+    def __init__(self, clip: dict, optim: dict, hard_negatives: bool = False) -> None:
         """Configs arrive as plain dicts so the checkpoint's hyperparameters stay loadable
         with `weights_only=True`; they are checked by building their dataclasses."""
         super().__init__()
@@ -60,10 +65,14 @@ class CLIPModule(SkipsNonFiniteLoss, ClipsGradientNorm, L.LightningModule):
         self.tokenize = clip_tokenizer(self.clip_config)
         self.preprocess = ImagePreprocess.of(self.model)
         self.loss = open_clip.ClipLoss()
+        self.hard_negatives = hard_negatives
+        self.negative_loss = HardNegativeLoss()
 
     @classmethod
-    def from_configs(cls, clip: CLIPConfig, optim: OptimConfig) -> CLIPModule:
-        return cls(dataclasses.asdict(clip), dataclasses.asdict(optim))
+    def from_configs(
+        cls, clip: CLIPConfig, optim: OptimConfig, hard_negatives: bool = False
+    ) -> CLIPModule:
+        return cls(dataclasses.asdict(clip), dataclasses.asdict(optim), hard_negatives)
 
     def num_parameters(self) -> int:
         return sum(parameter.numel() for parameter in self.model.parameters())
@@ -73,6 +82,7 @@ class CLIPModule(SkipsNonFiniteLoss, ClipsGradientNorm, L.LightningModule):
             self.loss = open_clip.ClipLoss(
                 gather_with_grad=True, rank=self.global_rank, world_size=self.trainer.world_size
             )
+            self.negative_loss = HardNegativeLoss(self.global_rank, self.trainer.world_size)
 
     def embed(self, batch: CaptionBatch) -> Embeddings:
         tokens = self.tokenize(batch.captions).to(self.device)  # (B, context_length)
@@ -88,7 +98,7 @@ class CLIPModule(SkipsNonFiniteLoss, ClipsGradientNorm, L.LightningModule):
             return batch
         size = torch.tensor(len(batch.captions), device=self.device)
         smallest = int(self.trainer.strategy.reduce(size, reduce_op="min"))
-        return CaptionBatch(batch.images[:smallest], batch.captions[:smallest])
+        return CaptionBatch(batch.images[:smallest], batch.captions[:smallest], batch.negatives)
 
     def _step(self, batch: CaptionBatch, split: str) -> torch.Tensor | None:
         batch = self.same_size_on_every_rank(batch)
@@ -96,7 +106,7 @@ class CLIPModule(SkipsNonFiniteLoss, ClipsGradientNorm, L.LightningModule):
         if size < 2:  # nothing to contrast with
             return None
         embeddings = self.embed(batch)
-        loss = self.loss(embeddings.image, embeddings.text, self.model.logit_scale.exp())
+        loss = self._loss(batch, embeddings, with_negatives=split == "train")
         accuracy = in_batch_accuracy(embeddings.image.detach(), embeddings.text.detach())
         on_step = split == "train"
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=size, sync_dist=not on_step)
@@ -112,8 +122,23 @@ class CLIPModule(SkipsNonFiniteLoss, ClipsGradientNorm, L.LightningModule):
         if on_step:
             self.log("train/logit_scale", self.model.logit_scale.exp().detach())
             self.log("train/batch_size", float(size))
+            if self.hard_negatives:
+                self.log("train/hard_negatives", float(len(batch.negatives)))
             self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
+
+    def _loss(
+        self, batch: CaptionBatch, embeddings: Embeddings, with_negatives: bool
+    ) -> torch.Tensor:
+        """CLIP's loss; in training with `hard_negatives`, the batch's twins as negatives."""
+        scale = self.model.logit_scale.exp()
+        if not (self.hard_negatives and with_negatives):
+            return self.loss(embeddings.image, embeddings.text, scale)
+        negatives = torch.empty(0, embeddings.text.shape[1], device=self.device)
+        if batch.negatives:
+            tokens = self.tokenize(list(batch.negatives)).to(self.device)
+            negatives = self.model.encode_text(tokens, normalize=True)
+        return self.negative_loss(embeddings.image, embeddings.text, negatives, scale)
 
     def training_step(self, batch: CaptionBatch, batch_idx: int) -> torch.Tensor | None:
         loss = self._step(batch, "train")

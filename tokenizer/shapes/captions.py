@@ -1,8 +1,10 @@
 """The caption language: captions written from a scene (one canonical phrasing, or one of several
-chosen at random) and `parse_caption`, which reads any of those phrasings back into a `Query`.
+chosen at random) and `parse_caption`, which reads any of those phrasings back into a `Query`;
+`caption_layout` says where in a caption each object and the relation are named.
 """
 
 import re
+from typing import NamedTuple
 
 import numpy as np
 
@@ -112,8 +114,13 @@ _SYNONYMS = {
 _RELATION_PATTERN = re.compile(r"\b(?:to the )?(left|right) of\b|\b(above|below)\b")
 
 
+def normalised_word(word: str) -> str:
+    """A lower-case word of a caption as the vocabulary spells it ("violet" -> "purple")."""
+    return _SYNONYMS.get(word, word)
+
+
 def _words(text: str) -> list[str]:
-    return [_SYNONYMS.get(word, word) for word in re.findall(r"[a-z]+", text.lower())]
+    return [normalised_word(word) for word in re.findall(r"[a-z]+", text.lower())]
 
 
 def _parse_object(text: str, caption: str) -> ObjectQuery:
@@ -142,6 +149,33 @@ def _parse_object(text: str, caption: str) -> ObjectQuery:
     return ObjectQuery(shape, pick(COLORS, "color"), pick(SIZES, "size"), position)
 
 
+class CaptionLayout(NamedTuple):
+    """Where a caption names its parts, as (start, end) spans of its lower-case text."""
+
+    objects: tuple[tuple[int, int], ...]  # each object's words, in the caption's order
+    relation: str | None  # one of RELATIONS, between the first object and the second
+    relation_word: tuple[int, int] | None  # "left", "right", "above" or "below"
+
+
+def caption_layout(caption: str) -> CaptionLayout:
+    """Split a caption into its objects: around its relation ("to the left of", "above", ...)
+    or, without one, at each "and"."""
+    text = caption.lower()
+    relations = list(_RELATION_PATTERN.finditer(text))
+    if len(relations) > 1:
+        raise ValueError(f"caption {caption!r} has several relations; one is supported.")
+    if relations:
+        match = relations[0]
+        group = 1 if match.group(1) else 2
+        relation = f"{match.group(1)} of" if group == 1 else match.group(2)
+        objects = ((0, match.start()), (match.end(), len(text)))
+        return CaptionLayout(objects, relation, match.span(group))
+    joins = list(re.finditer(r"\band\b", text))
+    starts = [0] + [join.end() for join in joins]
+    ends = [join.start() for join in joins] + [len(text)]
+    return CaptionLayout(tuple(zip(starts, ends, strict=True)), None, None)
+
+
 def parse_caption(caption: str) -> Query:
     """Read the attributes a caption names, in any of the phrasings `sample_caption` writes.
 
@@ -151,15 +185,6 @@ def parse_caption(caption: str) -> Query:
     background = {_SYNONYMS.get(w, w) for w in _words(text)} & set(BACKGROUNDS)
     if len(background) > 1:
         raise ValueError(f"caption {caption!r} names several backgrounds: {sorted(background)}.")
-    relations = list(_RELATION_PATTERN.finditer(text))
-    if len(relations) > 1:
-        raise ValueError(f"caption {caption!r} has several relations; one is supported.")
-    relation = None
-    if relations:
-        match = relations[0]
-        relation = f"{match.group(1)} of" if match.group(1) else match.group(2)
-        parts = [text[: match.start()], text[match.end() :]]
-    else:
-        parts = re.split(r"\band\b", text)
-    objects = tuple(_parse_object(part, caption) for part in parts)
-    return Query(objects, background.pop() if background else None, relation)
+    layout = caption_layout(caption)
+    objects = tuple(_parse_object(text[start:end], caption) for start, end in layout.objects)
+    return Query(objects, background.pop() if background else None, layout.relation)
