@@ -254,5 +254,6 @@ def swap_probe(
         rows = [row for row, twin in twins.items() if twin is not None]
         twin = encoder.encode_text([twins[row] for row in rows], batch_size).cpu()  # (n, E)
         right = true[rows] > (image[rows] * twin).sum(dim=1)
-        scores[swap] = SwapScore(100 * _mean(right), len(rows))
+        percent = 100 * int(right.sum()) / len(rows) if rows else float("nan")
+        scores[swap] = SwapScore(percent, len(rows))
     return SwapProbe(**scores)
