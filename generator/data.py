@@ -3,7 +3,9 @@
 `EncodedDataset` is map-style over the memory-mapped shards of one split, so Lightning's
 distributed sampler splits it between ranks and the DataLoader between workers. Before any
 shard is read, the manifest is checked against the tokenizer in the run directory: codes
-from another tokenizer would train a generator that decodes to noise.
+from another tokenizer would train a generator that decodes to noise. Shards encoded with
+`tokens=true` also give each sample the CLIP's token features; `check_token_features` refuses
+shards without them for a conditioning that reads them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from generator.shards import (
 )
 from tokenizer.base.run_dir import RunDir
 
+NO_TEXT_TOKENS = torch.zeros(0, 0)  # a sample's text tokens in shards without token features
+NO_TEXT_MASK = torch.zeros(0, dtype=torch.bool)
+NO_IMAGE_TOKENS = torch.zeros(0, 0)
+
 
 class EncodedSample(NamedTuple):
     codes: torch.Tensor  # (h*w,) long, row by row
@@ -36,6 +42,10 @@ class EncodedSample(NamedTuple):
     text_embedding: torch.Tensor  # (E,) float32, zeros where has_text is False
     has_text: torch.Tensor  # () bool: the sample has a caption and a text embedding
     caption: str  # "" where there is none
+    # the CLIP's token features, empty (0, 0), (0,), (0, 0) where the shards have none:
+    text_tokens: torch.Tensor = NO_TEXT_TOKENS  # (L, W) float32, zeros past the caption
+    text_mask: torch.Tensor = NO_TEXT_MASK  # (L,) bool, True at the caption's tokens
+    image_tokens: torch.Tensor = NO_IMAGE_TOKENS  # (Np, W') float32
 
 
 def check_tokenizer(manifest: Manifest, run_dir: Path) -> None:
@@ -54,6 +64,16 @@ def check_tokenizer(manifest: Manifest, run_dir: Path) -> None:
             f"the shards in {run.encoded} were made by another tokenizer than {run.tokenizer} "
             f"(it has {', '.join(differences)}): run scripts/encode.py run_dir={run_dir} "
             "overwrite=true again."
+        )
+
+
+def check_token_features(manifest: Manifest, needs_tokens: bool, run_dir: str | Path) -> None:
+    """Refuse shards without CLIP token features for a conditioning that reads them."""
+    if needs_tokens and not manifest.plan.tokens:
+        raise ValueError(
+            "the generator's conditioning needs CLIP token features, but the shards in "
+            f"{RunDir(run_dir).encoded} have none: run scripts/encode.py run_dir={run_dir} "
+            "tokens=true overwrite=true."
         )
 
 
@@ -82,7 +102,9 @@ class EncodedDataset(Dataset):
         self.paths = [RunDir(self.run_dir).encoded / shard.file for shard in record.shards]
         counts = [shard.num_samples for shard in record.shards]
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
-        self.embed_dim = self.manifest.plan.embed_dim
+        plan = self.manifest.plan
+        self.embed_dim = plan.embed_dim
+        self.text_length = plan.text_token_shape[0] if plan.tokens else 0  # L; 0 without tokens
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, EncodedShard] = OrderedDict()
 
@@ -118,7 +140,19 @@ class EncodedDataset(Dataset):
             text_embedding=text_embedding,
             has_text=torch.tensor(has_text),
             caption=shard.caption(row),
+            **(self._token_features(shard, row) if self.text_length else {}),
         )
+
+    def _token_features(self, shard: EncodedShard, row: int) -> dict[str, torch.Tensor]:
+        """A sample's token features, its text tokens padded with zeros to the CLIP's L."""
+        length = int(shard.text_lengths[row])
+        text_tokens = np.zeros((self.text_length, shard.text_tokens.shape[2]), np.float32)
+        text_tokens[:length] = shard.text_tokens[row, :length]
+        return {
+            "text_tokens": torch.from_numpy(text_tokens),
+            "text_mask": torch.arange(self.text_length) < length,
+            "image_tokens": torch.from_numpy(shard.image_tokens[row].astype(np.float32)),
+        }
 
 
 class EncodedDataModule(L.LightningDataModule):

@@ -1,12 +1,12 @@
 """Run the tokenizer and CLIP once over a dataset's splits and write encoded shards.
 
 Shard k of a split holds the samples at positions [k * shard_size, (k + 1) * shard_size) of
-the split's deterministic order: datasets are built with train=False, so nothing is shuffled
-or augmented. For a map-style dataset (shapes, image folder) a position is the dataset index,
-and an unreadable file leaves its position empty; for a WebDataset stream it is the count of
-samples read so far. A rerun keeps the shards on disk and starts at the first missing shard's
-first position, and tokenizer/CLIP batches never cross a shard boundary, so a resumed encode
-writes the same bytes as one uninterrupted run. See generator/shards.py for the format.
+the split's deterministic order (generator/split_order.py): datasets are built with
+train=False, so nothing is shuffled or augmented. With `tokens`, a shard also holds the CLIP's
+per-token text and per-patch image features, for the conditionings that read them. A rerun
+keeps the shards on disk and starts at the first missing shard's first position, and
+tokenizer/CLIP batches never cross a shard boundary, so a resumed encode writes the same bytes
+as one uninterrupted run. See generator/shards.py for the format.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import groupby, islice
+from collections.abc import Sequence
+from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, default_collate
+from torch.utils.data import Dataset, IterableDataset
 from tqdm import tqdm
 
 import tokenizer.base.files
@@ -31,6 +31,8 @@ from generator.shards import (
     MANIFEST_FILE,
     PLAN_FILE,
     SHARD_PATTERN,
+    TEXT_LENGTH_DTYPE,
+    TOKEN_DTYPE,
     EncodedShard,
     EncodingPlan,
     Manifest,
@@ -40,6 +42,7 @@ from generator.shards import (
     SplitRecord,
     codes_dtype,
     pack_captions,
+    pad_text_tokens,
     read_json,
     read_manifest,
     read_shard_info,
@@ -49,22 +52,27 @@ from generator.shards import (
     write_json,
     write_shard,
 )
+from generator.split_order import chunked, ordered_samples
 from tokenizer import VQGAN
 from tokenizer.base.configs import config_to_dict
 from tokenizer.base.run_dir import RunDir
-from tokenizer.data import DataConfig, ReportingDataLoader, Sample, build_dataset, has_split
+from tokenizer.data import DataConfig, Sample, build_dataset, has_split
 from tokenizer.shapes import SPLITS
 
 if TYPE_CHECKING:
     from generator.clip import CLIPEncoder
+    from generator.clip.encoder import TextTokens
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
+TOKEN_SHAPES = ("text_token_shape", "image_token_shape")  # follow the CLIP and `tokens`
 
 
-class Positioned(NamedTuple):
-    position: int  # in the split's deterministic order
-    sample: Sample
+class TokenRows(NamedTuple):
+    """One batch's CLIP token features, as a shard stores them."""
+
+    text_tokens: np.ndarray  # (B, Lb, W) float16, Lb the batch's longest caption in tokens
+    text_lengths: np.ndarray  # (B,) int16, 0 where a sample has no caption
+    image_tokens: np.ndarray  # (B, Np, W') float16
 
 
 class EncodedBatch(NamedTuple):
@@ -72,6 +80,16 @@ class EncodedBatch(NamedTuple):
     image_embeddings: np.ndarray  # (B, E) float16
     text_embeddings: np.ndarray  # (B, E) float16, zeros where a sample has no caption
     captions: list[str]
+    tokens: TokenRows | None  # None where the plan stores no token features
+
+
+class CLIPOutputs(NamedTuple):
+    """What the CLIP makes of one batch, as float32 on its device."""
+
+    image_embeddings: torch.Tensor  # (B, E)
+    text_embeddings: torch.Tensor | None  # (c, E), one per captioned sample; None where none
+    text_tokens: TextTokens | None  # of the captioned samples; None without token features
+    image_tokens: torch.Tensor | None  # (B, Np, W'); None without token features
 
 
 class EncodeOutcome(NamedTuple):
@@ -80,90 +98,88 @@ class EncodeOutcome(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading a split in order
-
-
-class _ReadOrSkip(Dataset):
-    """index -> Positioned, or None where the file cannot be read.
-
-    FolderDataset's `__getitem__` stands the next file in for an unreadable one, which would
-    encode that file twice; its `load` says None instead, and the position stays empty.
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-        self.skip_log = getattr(dataset, "skip_log", None)  # for ReportingDataLoader
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Positioned | None:
-        load = getattr(self.dataset, "load", None)
-        sample = load(index) if load is not None else self.dataset[index]
-        return None if sample is None else Positioned(index, sample)
-
-
-def _collate_present(items: list) -> Positioned | Sample | None:
-    """A batch of the items that could be read; None where none could."""
-    present = [item for item in items if item is not None]
-    return default_collate(present) if present else None
-
-
-def ordered_samples(
-    dataset: Dataset, start: int, batch_size: int, num_workers: int
-) -> Iterator[Positioned]:
-    """The split's samples from position `start` on, in order, read by DataLoader workers.
-
-    A stream cannot seek: its first `start` samples are read again and dropped.
-    """
-    options = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_present)
-    if isinstance(dataset, IterableDataset):
-        position = 0
-        for batch in ReportingDataLoader(dataset, **options):
-            for image, caption in zip(batch.image, batch.caption, strict=True):
-                if position >= start:
-                    yield Positioned(position, Sample(image, caption))
-                position += 1
-        return
-    sampler = range(start, len(dataset))
-    for batch in ReportingDataLoader(_ReadOrSkip(dataset), sampler=sampler, **options):
-        if batch is None:
-            continue
-        images, captions = batch.sample
-        for position, image, caption in zip(batch.position.tolist(), images, captions, strict=True):
-            yield Positioned(position, Sample(image, caption))
-
-
-def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
-
-
-# ---------------------------------------------------------------------------------------------
 # Encoding
+
+
+def run_clip(
+    clip: CLIPEncoder, images: torch.Tensor, captions: list[str], tokens: bool
+) -> CLIPOutputs:
+    """The CLIP over a batch's images and its non-empty captions; with `tokens`, the pooled
+    embeddings come from the same pass as the token features."""
+    if not tokens:
+        text = clip.encode_text(captions).float() if captions else None
+        return CLIPOutputs(clip.encode_image(images).float(), text, None, None)
+    image = clip.encode_image_tokens(images)
+    text = clip.encode_text_tokens(captions) if captions else None
+    return CLIPOutputs(
+        image_embeddings=image.pooled.float(),
+        text_embeddings=text.pooled.float() if text is not None else None,
+        text_tokens=text,
+        image_tokens=image.features.float(),
+    )
+
+
+def token_rows(outputs: CLIPOutputs, captioned: list[int], plan: EncodingPlan) -> TokenRows:
+    """The batch's token features: each caption's real tokens, then zeros up to the batch's
+    longest; no tokens at all for a sample without a caption."""
+    batch_size, width = len(outputs.image_embeddings), plan.text_token_shape[1]
+    lengths = torch.zeros(batch_size, dtype=torch.long)
+    text_tokens = torch.zeros(batch_size, 0, width)
+    text = outputs.text_tokens
+    if text is not None:
+        real = text.mask.sum(dim=1)  # (c,)
+        positions = torch.arange(text.mask.shape[1], device=real.device)
+        if not torch.equal(text.mask, positions < real[:, None]):
+            raise ValueError(
+                "the CLIP's text token mask has padding before a real token, and the shards "
+                "keep each caption's tokens first: use a CLIP whose tokenizer pads at the end."
+            )
+        longest = int(real.max())
+        text_tokens = torch.zeros(batch_size, longest, width)
+        real_tokens = text.features[:, :longest].float() * text.mask[:, :longest, None]
+        text_tokens[captioned] = real_tokens.cpu()
+        lengths[captioned] = real.cpu()
+    return TokenRows(
+        text_tokens=text_tokens.numpy().astype(TOKEN_DTYPE),
+        text_lengths=lengths.numpy().astype(TEXT_LENGTH_DTYPE),
+        image_tokens=outputs.image_tokens.cpu().numpy().astype(TOKEN_DTYPE),
+    )
 
 
 @torch.inference_mode()
 def encode_batch(
     vqgan: VQGAN, clip: CLIPEncoder, samples: list[Sample], plan: EncodingPlan
 ) -> EncodedBatch:
-    """Codes and CLIP embeddings of one batch of samples, as the shard stores them."""
+    """Codes and CLIP embeddings (and token features) of one batch, as the shard stores them."""
     device = next(vqgan.parameters()).device
     images = torch.stack([sample.image for sample in samples]).to(device)  # (B, 3, H, W)
     captions = [sample.caption.strip() for sample in samples]
     codes = vqgan.encode(images)  # (B, h, w)
-    image_embeddings = clip.encode_image(images).float()  # (B, E)
-    text_embeddings = torch.zeros_like(image_embeddings)  # (B, E)
     captioned = [i for i, caption in enumerate(captions) if caption]
+    outputs = run_clip(clip, images, [captions[i] for i in captioned], plan.tokens)
+    text_embeddings = torch.zeros_like(outputs.image_embeddings)  # (B, E)
     if captioned:
-        text_embeddings[captioned] = clip.encode_text([captions[i] for i in captioned]).float()
+        text_embeddings[captioned] = outputs.text_embeddings
     return EncodedBatch(
         codes=codes.cpu().numpy().astype(plan.codes_dtype),
-        image_embeddings=image_embeddings.cpu().numpy().astype(plan.embedding_dtype),
+        image_embeddings=outputs.image_embeddings.cpu().numpy().astype(plan.embedding_dtype),
         text_embeddings=text_embeddings.cpu().numpy().astype(plan.embedding_dtype),
         captions=captions,
+        tokens=token_rows(outputs, captioned, plan) if plan.tokens else None,
     )
+
+
+def shard_tokens(batches: list[EncodedBatch]) -> dict[str, np.ndarray]:
+    """The shard's token arrays from its batches' (none without token features): text tokens
+    padded with zeros to the shard's longest caption."""
+    rows = [batch.tokens for batch in batches if batch.tokens is not None]
+    if not rows:
+        return {}
+    return {
+        "text_tokens": pad_text_tokens([row.text_tokens for row in rows]),
+        "text_lengths": np.concatenate([row.text_lengths for row in rows]),
+        "image_tokens": np.concatenate([row.image_tokens for row in rows]),
+    }
 
 
 def build_shard(batches: list[EncodedBatch]) -> EncodedShard:
@@ -178,6 +194,7 @@ def build_shard(batches: list[EncodedBatch]) -> EncodedShard:
         has_caption=has_caption,
         caption_bytes=caption_bytes,
         caption_offsets=caption_offsets,
+        **shard_tokens(batches),
     )
 
 
@@ -276,8 +293,15 @@ def order_settings(config: DataConfig) -> dict:
 
 
 def make_plan(
-    tokenizer_dir: Path, vqgan: VQGAN, clip: CLIPEncoder, data_config: DataConfig, shard_size: int
+    tokenizer_dir: Path,
+    vqgan: VQGAN,
+    clip: CLIPEncoder,
+    data_config: DataConfig,
+    shard_size: int,
+    tokens: bool = False,
 ) -> EncodingPlan:
+    """The plan of an encode; with `tokens`, asking the CLIP for its token shapes refuses a CLIP
+    without per-token outputs before any work."""
     return EncodingPlan(
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_dir),
         clip_fingerprint=clip.fingerprint(),
@@ -290,6 +314,9 @@ def make_plan(
         shard_size=shard_size,
         batch_size=data_config.batch_size,
         data=order_settings(data_config),
+        tokens=tokens,
+        text_token_shape=tuple(clip.text_token_shape) if tokens else None,
+        image_token_shape=tuple(clip.image_token_shape) if tokens else None,
     )
 
 
@@ -298,12 +325,14 @@ def plan_differences(found: EncodingPlan, wanted: EncodingPlan) -> list[str]:
     differences = []
     for field in dataclasses.fields(EncodingPlan):
         old, new = getattr(found, field.name), getattr(wanted, field.name)
-        if old == new:
+        if old == new or (field.name in TOKEN_SHAPES and found.tokens != wanted.tokens):
             continue
         if field.name == "tokenizer_fingerprint":
             differences.append(f"another tokenizer (sha256 {old[:12]}…, this one {new[:12]}…)")
         elif field.name == "clip_fingerprint":
             differences.append(f"another CLIP (sha256 {old[:12]}…, this one {new[:12]}…)")
+        elif field.name == "tokens":
+            differences.append(f"tokens={str(old).lower()} (now tokens={str(new).lower()})")
         elif field.name == "data":
             keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             differences += [f"data.{k}={old.get(k)!r} (now {new.get(k)!r})" for k in keys]
@@ -342,11 +371,14 @@ def encode_run(
     shard_size: int = 4096,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
+    tokens: bool = False,
 ) -> EncodeOutcome:
-    """Encode `splits` of the data with RUN/tokenizer and `clip` into RUN/encoded.
+    """Encode `splits` of the data with RUN/tokenizer and `clip` into RUN/encoded, with the
+    CLIP's token features where `tokens`.
 
     The data is read at the tokenizer's image size. Resumes an interrupted encode; refuses
-    shards that another tokenizer, CLIP or data setting made unless `overwrite`.
+    shards that another tokenizer, CLIP, data setting or choice of `tokens` made unless
+    `overwrite`.
     """
     run_dir = Path(run_dir)
     unknown = sorted(set(splits) - set(SPLITS))
@@ -363,7 +395,7 @@ def encode_run(
     encoded_dir, tokenizer_dir = RunDir(run_dir).encoded, RunDir(run_dir).tokenizer
     vqgan = VQGAN.from_pretrained(tokenizer_dir, device=device)
     data_config = dataclasses.replace(data_config, image_size=vqgan.config.image_size)
-    plan = make_plan(tokenizer_dir, vqgan, clip, data_config, shard_size)
+    plan = make_plan(tokenizer_dir, vqgan, clip, data_config, shard_size, tokens)
     prepare_encoded_dir(encoded_dir, plan, overwrite)
     remove_temporaries(encoded_dir)
 

@@ -17,6 +17,19 @@ A shard is one safetensors file holding, for its N samples:
     caption_bytes     (T,)       uint8, the UTF-8 captions one after another
     caption_offsets   (N + 1,)   int64, caption i is caption_bytes[offsets[i]:offsets[i + 1]]
 
+and, where the plan says `tokens: true` (scripts/encode.py tokens=true), the CLIP's per-token
+features:
+
+    text_tokens       (N, Lmax, W)  float16, the text tower's last-layer output per token;
+                                    Lmax is the shard's longest caption in tokens, and rows are
+                                    zeros past each caption's length and for uncaptioned samples
+    text_lengths      (N,)          int16, each caption's length in tokens, 0 where none
+    image_tokens      (N, Np, W')   float16, the vision tower's per-patch output
+
+The plan records the CLIP's full shapes, `text_token_shape` [L, W] (L its context length) and
+`image_token_shape` [Np, W']; a reader pads text_tokens to L. Shards and plans written before
+token features existed have none of these keys and read as `tokens: false`.
+
 safetensors is plain JSON plus raw arrays: `read_shard` memory-maps the arrays straight out of
 the file, and nothing is ever unpickled.
 """
@@ -46,11 +59,14 @@ DONE_FILE = "done.json"
 SHARD_PATTERN = "shard-*.safetensors"
 METADATA_KEY = "encoded_shard"
 EMBEDDING_DTYPE = "float16"
+TOKEN_DTYPE = np.float16
+TEXT_LENGTH_DTYPE = np.int16
 CODES_DTYPES = ("uint16", "int32")
 SAFETENSORS_DTYPES = {
     "BOOL": np.bool_,
     "U8": np.uint8,
     "U16": np.uint16,
+    "I16": np.int16,
     "I32": np.int32,
     "I64": np.int64,
     "F16": np.float16,
@@ -132,6 +148,9 @@ class EncodedShard(NamedTuple):
     has_caption: np.ndarray  # (N,) bool
     caption_bytes: np.ndarray  # (T,) uint8
     caption_offsets: np.ndarray  # (N + 1,) int64
+    text_tokens: np.ndarray | None = None  # (N, Lmax, W) float16; None without token features
+    text_lengths: np.ndarray | None = None  # (N,) int16
+    image_tokens: np.ndarray | None = None  # (N, Np, W') float16
 
     def caption(self, index: int) -> str:
         start, end = self.caption_offsets[index], self.caption_offsets[index + 1]
@@ -144,6 +163,18 @@ def pack_captions(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(e) for e in encoded], out=offsets[1:])
     return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+def pad_text_tokens(batches: list[np.ndarray]) -> np.ndarray:
+    """Batches of text tokens (B, Lb, W), each as long as its longest caption, as one array
+    (N, Lmax, W) padded with zeros to the longest of all."""
+    longest = max(batch.shape[1] for batch in batches)
+    padded = np.zeros((sum(map(len, batches)), longest, batches[0].shape[2]), TOKEN_DTYPE)
+    start = 0
+    for batch in batches:
+        padded[start : start + len(batch), : batch.shape[1]] = batch
+        start += len(batch)
+    return padded
 
 
 @dataclass
@@ -167,8 +198,8 @@ def write_shard(path: Path, shard: EncodedShard, info: ShardInfo) -> Path:
         "caption_bytes": shard.caption_bytes,
         "caption_offsets": shard.caption_offsets,
     }
-    if shard.text_embeddings is not None:
-        arrays["text_embeddings"] = shard.text_embeddings
+    optional = ("text_embeddings", "text_tokens", "text_lengths", "image_tokens")
+    arrays |= {name: getattr(shard, name) for name in optional if getattr(shard, name) is not None}
     arrays = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
     # safetensors writes metadata keys in hash order: one key keeps the file's bytes repeatable
     metadata = {METADATA_KEY: json.dumps(config_to_dict(info), sort_keys=True)}
@@ -210,6 +241,9 @@ def read_shard(path: Path) -> EncodedShard:
         has_caption=arrays["has_caption"],
         caption_bytes=arrays["caption_bytes"],
         caption_offsets=arrays["caption_offsets"],
+        text_tokens=arrays.get("text_tokens"),
+        text_lengths=arrays.get("text_lengths"),
+        image_tokens=arrays.get("image_tokens"),
     )
 
 
@@ -232,9 +266,19 @@ class EncodingPlan:
     shard_size: int  # positions of the split's order per shard
     batch_size: int  # images per tokenizer/CLIP pass (it can change the last bits of a result)
     data: dict[str, Any]  # the data settings that decide which samples come in which order
+    tokens: bool = False  # the shards hold CLIP token features (absent from older plans)
+    text_token_shape: tuple[int, int] | None = None  # (L, W), None without token features
+    image_token_shape: tuple[int, int] | None = None  # (Np, W'), None without token features
 
     def __post_init__(self) -> None:
-        """uint16 would wrap the codes of a codebook over 65,536 entries without a sound."""
+        """uint16 would wrap the codes of a codebook over 65,536 entries without a sound; token
+        features come with both their shapes."""
+        shapes = (self.text_token_shape, self.image_token_shape)
+        if [shape is not None for shape in shapes] != [self.tokens] * 2:
+            raise ValueError(
+                f"encoding plan: tokens={self.tokens} with text_token_shape={shapes[0]} and "
+                f"image_token_shape={shapes[1]}: run scripts/encode.py with overwrite=true."
+            )
         dtype, num_codes = self.codes_dtype, self.num_codes
         if dtype not in CODES_DTYPES or np.iinfo(dtype).max < num_codes - 1:
             raise ValueError(

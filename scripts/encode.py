@@ -1,9 +1,12 @@
 """Encode a dataset for stage two: RUN/encoded/<split>/shard-*.safetensors + manifest.json.
 
-    python scripts/encode.py run_dir=RUN [data=...] [clip=...] [splits=[train,val]] [overwrite=true]
+    python scripts/encode.py run_dir=RUN [data=...] [clip=...] [splits=[train,val]] [tokens=true]
+                             [overwrite=true]
 
-Runs RUN/tokenizer and the CLIP once over each split. Run it again after an interruption to
-resume from the last complete shard; on a finished encode it does nothing.
+Runs RUN/tokenizer and the CLIP once over each split; tokens=true also stores the CLIP's
+per-token text and per-patch image features, for a conditioning that reads them. Run it again
+after an interruption to resume from the last complete shard; on a finished encode it does
+nothing.
 """
 
 from pathlib import Path
@@ -33,6 +36,7 @@ def encode(cfg: DictConfig) -> None:
         shard_size=cfg.shard_size,
         device=device,
         overwrite=cfg.overwrite,
+        tokens=cfg.tokens,
     )
     record_encoding_clip(clip_config, run.encoded)
     counts = ", ".join(f"{s.name}: {s.num_samples}" for s in outcome.manifest.splits)

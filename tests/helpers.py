@@ -27,7 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from generator.clip import CLIPConfig, build_small_clip, load_clip, save_trained_clip
+from generator.clip import (
+    CLIPConfig,
+    ImageTokens,
+    TextTokens,
+    build_small_clip,
+    load_clip,
+    save_trained_clip,
+)
 from generator.conditioning import ConditionConfig
 from generator.data import EncodedSample
 from generator.encoding import encode_run
@@ -93,14 +100,40 @@ def read_checkpoint(path: Path) -> dict:
 
 class FakeCLIP:
     """Follows generator.clip.CLIPEncoder's interface: fixed random projections of pooled
-    pixels and of a caption's byte histogram, l2-normalised."""
+    pixels and of a caption's byte histogram, l2-normalised. Its text tokens are a start token,
+    one per word (a word's byte sum) and an end token, at most 16; its image tokens a 4 x 4 grid
+    of average colours, projected."""
 
     embed_dim = 16
+    text_token_shape = (16, 8)  # (L, W)
+    image_token_shape = (16, 6)  # (Np, W')
 
     def __init__(self, seed: int = 0) -> None:
         generator = torch.Generator().manual_seed(seed)
         self.image_projection = torch.randn(3 * 4 * 4, self.embed_dim, generator=generator)
         self.text_projection = torch.randn(256, self.embed_dim, generator=generator)
+        length, width = self.text_token_shape
+        self.word_table = torch.randn(258, width, generator=generator)  # bytes, start, end
+        self.position_table = torch.randn(length, width, generator=generator)
+        self.patch_projection = torch.randn(3, self.image_token_shape[1], generator=generator)
+
+    def token_ids(self, caption: str) -> list[int]:
+        words = [sum(word.encode()) % 256 for word in caption.split()]
+        return [256, *words][: self.text_token_shape[0] - 1] + [257]
+
+    def encode_text_tokens(self, captions: list[str], batch_size: int = 256) -> TextTokens:
+        length, width = self.text_token_shape
+        features = torch.zeros(len(captions), length, width)
+        mask = torch.zeros(len(captions), length, dtype=torch.bool)
+        for row, caption in enumerate(captions):
+            ids = self.token_ids(caption)
+            features[row, : len(ids)] = self.word_table[ids] + self.position_table[: len(ids)]
+            mask[row, : len(ids)] = True
+        return TextTokens(self.encode_text(captions), features, mask)
+
+    def encode_image_tokens(self, images: torch.Tensor, batch_size: int = 256) -> ImageTokens:
+        patches = F.adaptive_avg_pool2d(images, 4).flatten(2).transpose(1, 2)  # (B, 16, 3)
+        return ImageTokens(self.encode_image(images), patches @ self.patch_projection)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         pooled = F.adaptive_avg_pool2d(images, 4).flatten(1)  # (B, 48)
@@ -114,7 +147,9 @@ class FakeCLIP:
         return F.normalize(counts @ self.text_projection, dim=-1)
 
     def fingerprint(self) -> str:
-        weights = torch.cat([self.image_projection.flatten(), self.text_projection.flatten()])
+        tables = [self.image_projection, self.text_projection, self.word_table]
+        tables += [self.position_table, self.patch_projection]
+        weights = torch.cat([table.flatten() for table in tables])
         return hashlib.sha256(weights.numpy().tobytes()).hexdigest()
 
 

@@ -1,5 +1,6 @@
 """Encoded shards: what they hold, resume after a kill, and refusing shards of another model."""
 
+import json
 import pickle
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from helpers import (
     lightning_rank_loaders,
     load_script,
     run_script,
+    save_clip,
     save_tokenizer,
     shapes_config,
     write_images,
@@ -31,7 +33,12 @@ from generator.clip import (
     load_clip,
     save_trained_clip,
 )
-from generator.data import EncodedDataModule, EncodedDataset, load_manifest
+from generator.data import (
+    EncodedDataModule,
+    EncodedDataset,
+    check_token_features,
+    load_manifest,
+)
 from generator.encoding import encode_run
 from generator.shards import ShardMismatchError, read_shard
 from tokenizer.data import DataConfig, build_dataset
@@ -116,23 +123,26 @@ def test_shards_decode_to_the_images_encoded_on_the_fly(tmp_path):
         assert all(s.has_text for s in stored)
 
 
-@pytest.mark.parametrize("source", ["shapes", "folder", "webdataset"])
-def test_a_killed_encode_resumes_to_the_same_bytes(tmp_path, monkeypatch, source):
+@pytest.mark.parametrize(
+    "source, tokens",
+    [("shapes", False), ("folder", False), ("webdataset", False), ("folder", True)],
+)
+def test_a_killed_encode_resumes_to_the_same_bytes(tmp_path, monkeypatch, source, tokens):
     config = data_config(source, tmp_path)
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     for run_dir in (whole, resumed):
         save_tokenizer(run_dir)
-    encode_run(whole, config, FakeCLIP(), splits=["train"], shard_size=3)
+    encode_run(whole, config, FakeCLIP(), splits=["train"], shard_size=3, tokens=tokens)
 
     with monkeypatch.context() as patch:
         kill_after(patch, shards=2)
         with pytest.raises(Killed):
-            encode_run(resumed, config, FakeCLIP(), splits=["train"], shard_size=3)
+            encode_run(resumed, config, FakeCLIP(), ["train"], shard_size=3, tokens=tokens)
     assert not (resumed / "encoded" / "manifest.json").exists()
     kept = sorted((resumed / "encoded" / "train").glob("shard-*"))
     assert len(kept) == 2
     stamps = [path.stat().st_mtime_ns for path in kept]
-    encode_run(resumed, config, FakeCLIP(), splits=["train"], shard_size=3)
+    encode_run(resumed, config, FakeCLIP(), splits=["train"], shard_size=3, tokens=tokens)
 
     assert [path.stat().st_mtime_ns for path in kept] == stamps  # resumed, not started over
     assert encoded_files(resumed) == encoded_files(whole)
@@ -143,6 +153,102 @@ def test_a_killed_encode_resumes_to_the_same_bytes(tmp_path, monkeypatch, source
         captions = [EncodedDataset(whole, "train")[i].caption for i in range(10)]
         assert record.num_samples == 10 and record.num_captioned == 8
         assert captions.count("") == 2 and len(set(captions)) == 9
+
+
+def token_reference(clip: FakeCLIP, images: torch.Tensor, captions: list[str]) -> list:
+    """What the shards should hold for these samples: the CLIP's token features, in float16."""
+    text = clip.encode_text_tokens(captions)
+    image = clip.encode_image_tokens(images)
+    return [
+        (text.features[i][text.mask[i]].half().float(), image.features[i].half().float())
+        for i in range(len(captions))
+    ]
+
+
+def test_token_features_round_trip_padded_to_the_clip_length(tmp_path):
+    save_tokenizer(tmp_path)
+    clip, config = FakeCLIP(), shapes_config()
+    plan = encode_run(tmp_path, config, clip, shard_size=4, tokens=True).manifest.plan
+    assert plan.tokens and plan.text_token_shape == (16, 8) and plan.image_token_shape == (16, 6)
+    source = build_dataset(config, "train", train=False)
+    captions = [source[i].caption for i in range(10)]
+    lengths = [len(clip.token_ids(caption)) for caption in captions]
+    shards = [read_shard(p) for p in sorted((tmp_path / "encoded" / "train").glob("shard-*"))]
+    assert [s.text_lengths.tolist() for s in shards] == [lengths[i : i + 4] for i in (0, 4, 8)]
+    assert [s.text_tokens.shape[1] for s in shards] == [16, 14, 16]  # each its longest caption
+    dtypes = {(s.text_tokens.dtype, s.text_lengths.dtype, s.image_tokens.dtype) for s in shards}
+    assert dtypes == {(np.dtype("float16"), np.dtype("int16"), np.dtype("float16"))}
+    images = torch.stack([source[i].image for i in range(10)])
+    reference = token_reference(clip, images, captions)
+    dataset = EncodedDataset(tmp_path, "train")
+    for index, (text_tokens, image_tokens) in enumerate(reference):
+        sample, length = dataset[index], lengths[index]
+        assert sample.text_tokens.shape == (16, 8) and sample.text_tokens.dtype == torch.float32
+        assert torch.equal(sample.text_mask, torch.arange(16) < length)
+        assert torch.equal(sample.text_tokens[:length], text_tokens)
+        assert not sample.text_tokens[length:].any()
+        assert torch.equal(sample.image_tokens, image_tokens)
+    stored = torch.stack([dataset[i].text_embedding for i in range(10)])
+    assert torch.allclose(stored, clip.encode_text(captions), atol=2e-3)
+
+
+def test_samples_without_a_caption_have_no_text_tokens(tmp_path):
+    save_tokenizer(tmp_path)
+    config = data_config("folder", tmp_path)
+    encode_run(tmp_path, config, FakeCLIP(), splits=["train"], shard_size=1, tokens=True)
+    dataset = EncodedDataset(tmp_path, "train")
+    uncaptioned = [i for i in range(len(dataset)) if not dataset[i].has_text]
+    assert len(uncaptioned) == 2
+    for index in uncaptioned:
+        sample = dataset[index]
+        assert not sample.text_mask.any() and not sample.text_tokens.any()
+        assert sample.text_tokens.shape == (16, 8) and sample.image_tokens.abs().sum() > 0
+        shard = read_shard(dataset.paths[index])  # one sample, no caption: no text tokens at all
+        assert shard.text_tokens.shape == (1, 0, 8) and shard.text_lengths.tolist() == [0]
+
+
+def forget_token_features(run_dir: Path) -> None:
+    """Make RUN/encoded as the code before token features wrote it: no tokens in the plan."""
+    for name in ("plan.json", "manifest.json"):
+        path = run_dir / "encoded" / name
+        values = json.loads(path.read_text())
+        plan = values.get("plan", values)
+        for key in ("tokens", "text_token_shape", "image_token_shape"):
+            del plan[key]
+        path.write_text(json.dumps(values, indent=2) + "\n")
+
+
+def test_shards_from_before_token_features_load_resume_and_collate(tmp_path):
+    save_tokenizer(tmp_path)
+    encode_run(tmp_path, shapes_config(), FakeCLIP(), splits=["train"], shard_size=4)
+    forget_token_features(tmp_path)
+    outcome = encode_run(tmp_path, shapes_config(), FakeCLIP(), shard_size=4)  # adds val
+    assert not outcome.already_done and not outcome.manifest.plan.tokens
+    data = EncodedDataModule(tmp_path, batch_size=4, num_workers=0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch.text_tokens.shape == (4, 0, 0) and batch.image_tokens.shape == (4, 0, 0)
+    assert batch.text_mask.shape == (4, 0) and batch.text_mask.dtype == torch.bool
+    check_token_features(load_manifest(tmp_path), needs_tokens=False, run_dir=tmp_path)
+    with pytest.raises(ValueError) as refusal:
+        check_token_features(load_manifest(tmp_path), needs_tokens=True, run_dir=tmp_path)
+    assert str(refusal.value) == (
+        "the generator's conditioning needs CLIP token features, but the shards in "
+        f"{tmp_path / 'encoded'} have none: run scripts/encode.py run_dir={tmp_path} "
+        "tokens=true overwrite=true."
+    )
+
+
+def test_token_features_are_not_mixed_into_shards_begun_without(tmp_path):
+    save_tokenizer(tmp_path)
+    encode_run(tmp_path, shapes_config(), FakeCLIP(), splits=["train"], shard_size=4)
+    message = "made with tokens=false \\(now tokens=true\\)\\. Pass overwrite=true"
+    with pytest.raises(ShardMismatchError, match=message):
+        encode_run(tmp_path, shapes_config(), FakeCLIP(), shard_size=4, tokens=True)
+    encode_run(tmp_path, shapes_config(), FakeCLIP(), shard_size=4, tokens=True, overwrite=True)
+    check_token_features(load_manifest(tmp_path), needs_tokens=True, run_dir=tmp_path)
+    with pytest.raises(ShardMismatchError, match="tokens=true \\(now tokens=false\\)"):
+        encode_run(tmp_path, shapes_config(), FakeCLIP(), shard_size=4)
 
 
 def test_a_half_written_shard_is_ignored_and_rewritten(tmp_path, monkeypatch):
@@ -278,3 +384,29 @@ def test_encode_script_end_to_end(tmp_path, capsys):
     )
     load_script("encode.py").encode(compose_config("encode", overrides))
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_encode_script_stores_a_real_clips_token_features(tmp_path):
+    """tokens=true with the small CLIP in RUN/clip: its own features, in float16."""
+    save_tokenizer(tmp_path)
+    save_clip(tmp_path)
+    overrides = [f"run_dir={tmp_path}", "clip=tiny", "data.num_train=6", "data.num_val=2"]
+    overrides += ["data.num_workers=0", "shard_size=4", "device=cpu", "tokens=true"]
+    load_script("encode.py").encode(compose_config("encode", overrides))
+
+    clip = load_clip(encoding_clip(tmp_path / "encoded"), tmp_path)
+    dataset = EncodedDataset(tmp_path, "train")
+    plan = dataset.manifest.plan
+    assert (plan.text_token_shape, plan.image_token_shape) == (
+        clip.text_token_shape,
+        clip.image_token_shape,
+    )
+    source = build_dataset(shapes_config(num_train=6), "train", train=False)
+    images = torch.stack([source[i].image for i in range(6)])
+    text = clip.encode_text_tokens([source[i].caption for i in range(6)])
+    image = clip.encode_image_tokens(images)
+    stored = [dataset[i] for i in range(6)]
+    assert torch.equal(torch.stack([s.text_mask for s in stored]), text.mask)
+    for name, features in (("text_tokens", text.features), ("image_tokens", image.features)):
+        mine = torch.stack([getattr(s, name) for s in stored])
+        assert torch.allclose(mine, features.half().float(), rtol=1e-3, atol=1e-3), name
