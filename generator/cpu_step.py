@@ -174,13 +174,17 @@ class OneCodeStep:
             self.blocks = [BlockStep.of(block, rows) for block in model.blocks]
             self.norm = layer_norm_of(model.norm)
             self.head = few_rows_product(model.head, rows)
+        self.cross_blocks = {int(layer): block for layer, block in model.cross_blocks.items()}
 
     def __call__(self, codes: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed one code (B,) per row; return the logits (B, vocab) of the next."""
         cache.check_room(1)
-        rows, start = codes.shape[0], cache.length - self.model.config.num_prefix_tokens
+        rows, start = codes.shape[0], cache.length - self.model.config.prefix_length
         x = self.model.embed_codes(codes[:, None], start, self.positions).view(rows, -1)  # (B, C)
         for layer, block in enumerate(self.blocks):
+            if layer in self.cross_blocks:  # deep fusion: the condition's keys and values, kept
+                cross = self.cross_blocks[layer]
+                x = cross(x[:, None], cache.cross_keys_values[layer]).view(rows, -1)
             qkv = block.qkv(block.attention_norm(x)).view(rows, 3, self.num_heads, 1, -1)
             # (B, heads, n, head_dim) each, n = the cache's length + 1
             keys, values = cache.update(layer, qkv[:, 1:].transpose(0, 1))

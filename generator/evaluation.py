@@ -34,7 +34,7 @@ from generator.sampling import SamplingOptions
 from tokenizer import shapes
 from tokenizer.data import Sample, ShapesDataset
 from tokenizer.evaluation import FeatureExtractor, pair_group
-from tokenizer.shapes import Query, Scene, canonical_caption, parse_caption
+from tokenizer.shapes import Query, Scene, canonical_caption, parse_caption, relation_holds
 
 SHAPES_GROUPS = ("seen", "held_out", "two_object")
 CAPTIONS_GROUP = "captions"  # any other dataset: its own captions
@@ -86,6 +86,7 @@ class CaptionAccuracy:
     color: float
     size: float
     position: float
+    relation: float | None = None  # two-object prompts: the named relation holds; else None
 
 
 @dataclass
@@ -197,6 +198,23 @@ def attribute_right(scene: Scene, query: Query, attribute: str) -> bool:
     )
 
 
+def relation_right(scene: Scene, query: Query) -> bool:
+    """Whether the read scene has the prompt's two objects (by shape and colour) in the named
+    relation, for some pairing of read objects with named ones."""
+    if query.relation is None or len(scene.objects) != len(query.objects):
+        return False
+    identity = ("shape", "color")
+    return any(
+        all(
+            getattr(wanted, name) in (None, getattr(found, name))
+            for found, wanted in zip(pairing, query.objects, strict=True)
+            for name in identity
+        )
+        and relation_holds(query.relation, *pairing)
+        for pairing in permutations(scene.objects)
+    )
+
+
 def caption_accuracy(scenes: list[Scene], prompts: list[str], num_prompts: int) -> CaptionAccuracy:
     """How many read scenes match their prompts, at once and attribute by attribute."""
     queries = [parse_caption(prompt) for prompt in prompts]
@@ -205,9 +223,14 @@ def caption_accuracy(scenes: list[Scene], prompts: list[str], num_prompts: int) 
     def fraction(right: Iterable[bool]) -> float:
         return sum(right) / len(pairs)
 
+    related = [(scene, query) for scene, query in pairs if query.relation is not None]
+    relation = None
+    if related:
+        relation = sum(relation_right(scene, query) for scene, query in related) / len(related)
     return CaptionAccuracy(
         num_prompts=num_prompts,
         num_images=len(pairs),
+        relation=relation,
         accuracy=fraction(shapes.scene_matches(scene, query) for scene, query in pairs),
         **{
             attribute: fraction(attribute_right(scene, query, attribute) for scene, query in pairs)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from generator.clip import CLIPConfig
+from generator.conditioning.inputs import CONDITIONS
 from generator.gpt import GPT, GPTConfig
 from generator.shards import TokenizerIdentity, tokenizer_differences
 from tokenizer.base.configs import load_config, save_config
@@ -30,7 +31,15 @@ from tokenizer.base.weights import load_checked_model, save_weights
 PROVENANCE_FILE = "provenance.json"
 CONFIG_KIND = "gpt"
 PROVENANCE_KIND = "generator_provenance"
-CONDITIONS = ("text", "image", "mixed")
+
+
+# Tensors generators held at the top level before the conditioning had a module of its own.
+MOVED_TO_CONDITIONER = ("null_embedding", "condition_mlp.", "prefix_position")
+
+
+def renamed(name: str) -> str:
+    """A tensor's name in a generator file written before its move into `conditioner`."""
+    return f"conditioner.{name}" if name.startswith(MOVED_TO_CONDITIONER) else name
 
 
 class RunMismatchError(ValueError):
@@ -82,7 +91,7 @@ def load_generator(directory: str | Path, device: str | torch.device = "cpu") ->
     provenance = load_config(Provenance, directory / PROVENANCE_FILE, kind=PROVENANCE_KIND)
     fix = "export the generator again with scripts/train_generator.py."
     model = load_checked_model(
-        lambda: GPT(config), directory / WEIGHTS_FILE, directory / CONFIG_FILE, fix
+        lambda: GPT(config), directory / WEIGHTS_FILE, directory / CONFIG_FILE, fix, renamed
     )
     return LoadedGenerator(model.to(device).eval(), provenance)
 

@@ -26,9 +26,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
+from generator.conditioning.condition import Condition, as_condition, check_condition
+from generator.conditioning.cross_attention import CrossKeysValues, GatedCrossAttention
+from generator.conditioning.fusion import FUSIONS, Conditioner, extra_prefix_tokens
 from generator.kv_cache import KVCache
 from tokenizer.base.configs import checked_config
 
@@ -55,6 +57,13 @@ class GPTConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     p_uncond: float = 0.1  # probability, in training, of replacing the condition by the null
+    # How the condition reaches the transformer (generator/conditioning/fusion.py).
+    fusion: str = "pooled"  # pooled | early | resampler | deep
+    token_dim: int = 0  # width W of CLIP's token features; from the shards where fusion reads them
+    num_condition_tokens: int = 0  # their number L (CLIP's context length)
+    num_latents: int = 8  # resampler: latents, each one prefix token
+    cross_attention_every: int = 2  # deep: a gated cross-attention block before every k-th block
+    p_drop_tokens: float = 0.0  # probability, in training, of the token features alone dropped
 
     def __post_init__(self) -> None:
         sizes = {
@@ -87,6 +96,25 @@ class GPTConfig:
                 f"generator.p_uncond must be in [0, 1], got {self.p_uncond}; "
                 "0.1 is a usual choice for classifier-free guidance."
             )
+        self._check_fusion()
+
+    def _check_fusion(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(
+                f"generator.fusion must be one of {list(FUSIONS)}, got {self.fusion!r}."
+            )
+        if self.fusion != "pooled" and min(self.token_dim, self.num_condition_tokens) < 1:
+            raise ValueError(
+                f"generator.fusion={self.fusion} reads CLIP token features, but token_dim and "
+                "num_condition_tokens are not set: scripts/train_generator.py takes them from "
+                "shards encoded with tokens=true."
+            )
+        if min(self.num_latents, self.cross_attention_every) < 1:
+            raise ValueError("generator.num_latents and cross_attention_every must be at least 1.")
+        if not 0 <= self.p_drop_tokens <= 1:
+            raise ValueError(
+                f"generator.p_drop_tokens must be in [0, 1], got {self.p_drop_tokens}."
+            )
 
     @classmethod
     def preset(
@@ -110,9 +138,22 @@ class GPTConfig:
         return self.grid_size[0] * self.grid_size[1]
 
     @property
+    def prefix_length(self) -> int:
+        """Prefix tokens before the first code: P, plus what the fusion adds."""
+        extra = extra_prefix_tokens(self.fusion, self.num_condition_tokens, self.num_latents)
+        return self.num_prefix_tokens + extra
+
+    @property
+    def cross_attention_layers(self) -> list[int]:
+        """The blocks deep fusion puts a gated cross-attention block before."""
+        if self.fusion != "deep":
+            return []
+        return list(range(0, self.num_layers, self.cross_attention_every))
+
+    @property
     def max_len(self) -> int:
         """Tokens the transformer ever reads: the prefix and every code but the last."""
-        return self.num_prefix_tokens + self.num_codes - 1
+        return self.prefix_length + self.num_codes - 1
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -194,14 +235,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         height, width = config.grid_size
-        prefix_width = config.num_prefix_tokens * config.dim
-        self.null_embedding = nn.Parameter(torch.empty(config.clip_dim))
-        self.condition_mlp = nn.Sequential(
-            nn.Linear(config.clip_dim, config.dim),
-            nn.GELU(),
-            nn.Linear(config.dim, prefix_width),
+        self.conditioner = Conditioner(config)
+        self.cross_blocks = nn.ModuleDict(
+            {
+                str(layer): GatedCrossAttention(config.dim, config.num_heads, config.mlp_ratio)
+                for layer in config.cross_attention_layers
+            }
         )
-        self.prefix_position = nn.Parameter(torch.empty(config.num_prefix_tokens, config.dim))
         self.token_embedding = nn.Embedding(config.vocab_size, config.dim)
         self.row_embedding = nn.Embedding(height, config.dim)
         self.column_embedding = nn.Embedding(width, config.dim)
@@ -222,9 +262,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attention.out.weight, std=residual_std)
             nn.init.normal_(block.mlp.down.weight, std=residual_std)
-        nn.init.normal_(self.prefix_position, std=0.02)
-        # CLIP embeddings are l2-normalised: start the null embedding at about unit norm too.
-        nn.init.normal_(self.null_embedding, std=self.config.clip_dim**-0.5)
+        self.conditioner.reset_parameters(self.config.clip_dim)
 
     def num_parameters(self) -> int:
         return sum(parameter.numel() for parameter in self.parameters())
@@ -241,30 +279,6 @@ class GPT(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-
-    def draw_drop_condition(
-        self,
-        batch_size: int,
-        *,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Which samples train unconditionally: True with probability p_uncond; (B,) bool."""
-        draws = torch.rand(batch_size, device=device, generator=generator)
-        return draws < self.config.p_uncond
-
-    def embed_condition(
-        self, clip_embedding: torch.Tensor, drop_condition: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Prefix tokens from CLIP embeddings (B, E), or from the null embedding where dropped."""
-        if drop_condition is not None:
-            clip_embedding = torch.where(
-                drop_condition[:, None], self.null_embedding, clip_embedding
-            )
-        prefix = rearrange(
-            self.condition_mlp(clip_embedding), "b (p c) -> b p c", p=self.config.num_prefix_tokens
-        )
-        return prefix + self.prefix_position  # (B, P, C)
 
     def embed_codes(
         self, codes: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None
@@ -283,26 +297,28 @@ class GPT(nn.Module):
         rows, columns = self.row_embedding.weight, self.column_embedding.weight
         return (rows[:, None] + columns[None]).flatten(0, 1)  # (h, 1, C) + (1, w, C)
 
-    def forward(
-        self,
-        codes: torch.Tensor,
-        clip_embedding: torch.Tensor,
-        drop_condition: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, condition: Condition | torch.Tensor) -> torch.Tensor:
         """Logits (B, n, vocab) for codes (B, n), n <= T: logits[:, t] predicts codes[:, t].
 
-        Each prediction sees the condition and codes[:, :t] only, so codes[:, -1] is not read.
+        `condition` is a Condition or a bare pooled CLIP embedding (B, E). Each prediction sees
+        the condition and codes[:, :t] only, so codes[:, -1] is not read.
         """
-        self._check_inputs(codes, clip_embedding, drop_condition)
-        x = torch.cat(
-            [
-                self.embed_condition(clip_embedding, drop_condition),
-                self.embed_codes(codes[:, :-1]),
-            ],
-            dim=1,
-        )  # (B, P + n - 1, C)
-        hidden = self._transform(x)
-        return self.head(hidden[:, self.config.num_prefix_tokens - 1 :])  # (B, n, vocab)
+        condition = as_condition(condition)
+        self._check_inputs(codes, condition)
+        prefix = self.conditioner.prefix(condition)  # (B, P', C)
+        x = torch.cat([prefix, self.embed_codes(codes[:, :-1])], dim=1)  # (B, P' + n - 1, C)
+        hidden = self._transform(x, cross=self.cross_keys_values(condition))
+        return self.head(hidden[:, prefix.shape[1] - 1 :])  # (B, n, vocab)
+
+    def cross_keys_values(self, condition: Condition) -> dict[int, CrossKeysValues]:
+        """Deep fusion's keys and values of the condition, one entry per cross-attention block;
+        computed once per condition (sampling keeps them beside the KV cache)."""
+        if not self.cross_blocks:
+            return {}
+        context = self.conditioner.context(condition)
+        return {
+            int(layer): block.keys_values(context) for layer, block in self.cross_blocks.items()
+        }
 
     def new_cache(self, batch_size: int) -> KVCache:
         """An empty KV cache long enough for one image, on the model's device and dtype."""
@@ -319,58 +335,53 @@ class GPT(nn.Module):
 
     def prefill(
         self,
-        clip_embedding: torch.Tensor,
+        condition: Condition | torch.Tensor,
         cache: KVCache,
-        drop_condition: torch.Tensor | None = None,
         codes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the prefix, and any given first codes (B, n), into an empty cache.
+        """Run the prefix, and any given first codes (B, n), into an empty cache; deep fusion's
+        condition keys and values go into the cache too.
 
         Returns the logits (B, vocab) of the next code: code 0, or code n when codes are given.
         """
         if cache.length:
             raise ValueError("prefill needs an empty cache; make one with model.new_cache.")
-        x = self.embed_condition(clip_embedding, drop_condition)  # (B, P, C)
+        condition = as_condition(condition)
+        cache.cross_keys_values = self.cross_keys_values(condition)
+        x = self.conditioner.prefix(condition)  # (B, P', C)
         if codes is not None:
-            x = torch.cat([x, self.embed_codes(codes)], dim=1)  # (B, P + n, C)
-        return self.head(self._transform(x, cache)[:, -1])
+            x = torch.cat([x, self.embed_codes(codes)], dim=1)  # (B, P' + n, C)
+        return self.head(self._transform(x, cache, cache.cross_keys_values)[:, -1])
 
     def step(self, codes: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed the next codes (B, n), usually n = 1; return the logits (B, vocab) of the one after."""
-        if cache.length < self.config.num_prefix_tokens:
+        if cache.length < self.config.prefix_length:
             raise ValueError("step needs a cache that has seen the prefix; call prefill first.")
-        x = self.embed_codes(codes, start=cache.length - self.config.num_prefix_tokens)
-        return self.head(self._transform(x, cache)[:, -1])
+        x = self.embed_codes(codes, start=cache.length - self.config.prefix_length)
+        return self.head(self._transform(x, cache, cache.cross_keys_values)[:, -1])
 
-    def _transform(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Embeddings (B, n, C) through the blocks and the final norm; (B, n, C)."""
+    def _transform(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        cross: dict[int, CrossKeysValues] | None = None,
+    ) -> torch.Tensor:
+        """Embeddings (B, n, C) through the blocks (and deep fusion's cross-attention blocks,
+        given the condition's keys and values) and the final norm; (B, n, C)."""
         x = self.embedding_dropout(x)
-        for block in self.blocks:
+        for layer, block in enumerate(self.blocks):
+            if cross:
+                x = self.cross_blocks[str(layer)](x, cross[layer]) if layer in cross else x
             x = block(x, cache)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.norm(x)
 
-    def _check_inputs(
-        self,
-        codes: torch.Tensor,
-        clip_embedding: torch.Tensor,
-        drop_condition: torch.Tensor | None,
-    ) -> None:
+    def _check_inputs(self, codes: torch.Tensor, condition: Condition) -> None:
         config = self.config
         if codes.ndim != 2 or not 1 <= codes.shape[1] <= config.num_codes:
             raise ValueError(
                 f"codes must have shape (batch, n) with 1 <= n <= {config.num_codes}, got "
                 f"{tuple(codes.shape)}; flatten the (h, w) grid in raster order first."
             )
-        batch_size = codes.shape[0]
-        if clip_embedding.shape != (batch_size, config.clip_dim):
-            raise ValueError(
-                f"clip_embedding must have shape ({batch_size}, {config.clip_dim}) to match the "
-                f"codes, got {tuple(clip_embedding.shape)}."
-            )
-        if drop_condition is not None and drop_condition.shape != (batch_size,):
-            raise ValueError(
-                f"drop_condition must be a bool mask of shape ({batch_size},), got "
-                f"{tuple(drop_condition.shape)}."
-            )
+        check_condition(condition, codes.shape[0], config)

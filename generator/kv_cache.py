@@ -6,7 +6,7 @@ and values of every token before it, which the cache keeps instead of recomputin
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -39,6 +39,8 @@ class KVCache:
         self.keys_values = torch.empty(shape, device=device, dtype=dtype)
         self.layers = list(self.keys_values)  # (2, B, heads, max_len, head_dim) each
         self.length = 0
+        # Deep fusion's keys and values of the condition, by layer: set once by prefill.
+        self.cross_keys_values: dict[int, Any] = {}
 
     @property
     def keys(self) -> torch.Tensor:  # (layers, B, heads, max_len, head_dim)

@@ -1,7 +1,7 @@
 """LightningModule for stage two: next-code prediction given a CLIP embedding.
 
 Cross-entropy of the GPT's logits against the tokenizer's codes, the condition picked per
-sample by `ConditionConfig` (see generator/conditioning.py) and dropped to the learnt null
+sample by `ConditionConfig` (see generator/conditioning/) and dropped to the learnt null
 embedding with probability `p_uncond` for classifier-free guidance. AdamW decays the weight
 matrices only (`GPT.param_groups`), under the shared warm-up + cosine schedule.
 
@@ -21,7 +21,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from generator.conditioning import ConditionConfig, condition_embedding
+from generator.conditioning import ConditionConfig, training_condition
 from generator.data import EncodedSample
 from generator.ema import EMA
 from generator.gpt import GPT, GPTConfig
@@ -84,12 +84,11 @@ class GeneratorModule(SkipsNonFiniteLoss, ClipsGradientNorm, L.LightningModule):
 
     def metrics(self, batch: EncodedSample, training: bool) -> StepMetrics:
         codes = batch.codes  # (B, T)
-        embedding = condition_embedding(batch, self.condition_config, training=training)
-        if training:
-            drop = self.model.draw_drop_condition(codes.shape[0], device=codes.device)
-            logits = self.model(codes, embedding, drop)  # (B, T, vocab)
-        else:
-            logits = self.exported_model(codes, embedding)
+        condition = training_condition(
+            batch, self.condition_config, self.model_config, training=training
+        )
+        model = self.model if training else self.exported_model
+        logits = model(codes, condition)  # (B, T, vocab)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
         accuracy = (logits.argmax(dim=-1) == codes).float().mean()
         return StepMetrics(loss, accuracy)

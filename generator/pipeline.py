@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import unicodedata
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from generator.clip import CLIPConfig, CLIPEncoder, load_clip
+from generator.conditioning import Condition
 from generator.export import Provenance, check_belongs_together, load_generator
 from generator.gpt import GPT
 from generator.images import fit_to_size, read_image, read_pil
@@ -153,12 +154,17 @@ class Pipeline:
         prompts: str | Sequence[str],
         num_images: int = 1,
         options: SamplingOptions = DEFAULT_OPTIONS,
+        *,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> Generated:
-        """`num_images` images for each prompt, conditioned on its CLIP text embedding."""
+        """`num_images` images for each prompt, conditioned on its CLIP text embedding.
+
+        `on_step(done, total)` follows the codes sampled, over all chunks (see `generate`);
+        an exception it raises stops sampling."""
         self.check_options(options, num_images)
         prompts = self.prepare_prompts(prompts)
-        conditions = self.clip.encode_text(prompts).repeat_interleave(num_images, dim=0)
-        codes, images = self.sample(conditions, options)
+        condition = self.text_condition(prompts).repeat_interleave(num_images)
+        codes, images = self.sample(condition, options, on_step=on_step)
         repeated = [prompt for prompt in prompts for _ in range(num_images)]
         return Generated(images, codes, repeated)
 
@@ -169,11 +175,13 @@ class Pipeline:
         options: SamplingOptions = DEFAULT_OPTIONS,
         *,
         keep_rows: int = 0,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> Variations:
         """`num_images` variations of each source image, conditioned on its CLIP image embedding.
 
         Sources are image files, PIL images, or tensors (3, H, W) / (B, 3, H, W) in [-1, 1].
         `keep_rows=K` keeps the top K rows of each source's codes and samples the rest.
+        `on_step` is text_to_image's.
         """
         self.check_options(options, num_images)
         height = self.vqgan.config.grid_size[0]
@@ -185,14 +193,22 @@ class Pipeline:
                 "0 samples whole images, larger values keep more of the source's top."
             )
         sources = self.prepare_images(images).to(self.device)  # (S, 3, H, W) in [-1, 1]
-        conditions = self.clip.encode_image(sources).repeat_interleave(num_images, dim=0)
+        # the image's pooled embedding; fusions that read text token features read their null
+        condition = Condition(self.clip.encode_image(sources)).repeat_interleave(num_images)
         kept = None
         if keep_rows:
             kept = self.vqgan.encode(sources)[:, :keep_rows].flatten(1)  # (S, K * w)
             kept = kept.repeat_interleave(num_images, dim=0)
-        codes, varied = self.sample(conditions, options, kept)
+        codes, varied = self.sample(condition, options, kept, on_step=on_step)
         index = torch.arange(sources.shape[0]).repeat_interleave(num_images)
         return Variations(varied, codes, to_unit_range(sources).cpu(), index)
+
+    def text_condition(self, prompts: list[str]) -> Condition:
+        """The prompts' CLIP text embeddings, with their token features where the generator's
+        fusion reads them."""
+        if not self.model.conditioner.needs_tokens:
+            return Condition(self.clip.encode_text(prompts))
+        return Condition(*self.clip.encode_text_tokens(prompts))
 
     # -----------------------------------------------------------------------------------------
     # Checking inputs, before any work
@@ -287,12 +303,13 @@ class Pipeline:
     @torch.no_grad()
     def sample(
         self,
-        conditions: torch.Tensor,
+        condition: Condition,
         options: SamplingOptions,
         prefix_codes: torch.Tensor | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> Sampled:
-        """Codes (N, h, w) and images (N, 3, H, W) in [0, 1], both on the CPU, for CLIP
-        embeddings (N, E), in chunks of `batch_size` sampled images.
+        """Codes (N, h, w) and images (N, 3, H, W) in [0, 1], both on the CPU, for a condition
+        of N rows, in chunks of `batch_size` sampled images.
 
         One generator seeded once draws every chunk, so a seed gives the same images for the
         same batch_size (a row's random draws depend on its place in the batch).
@@ -302,11 +319,13 @@ class Pipeline:
             generator = torch.Generator(self.device).manual_seed(options.seed)
         per_chunk = max(1, self.batch_size // options.candidates)
         codes, images = [], []
-        for start in range(0, conditions.shape[0], per_chunk):
+        starts = range(0, condition.batch_size, per_chunk)
+        for number, start in enumerate(starts):
             chunk = slice(start, start + per_chunk)
             prefix = prefix_codes[chunk] if prefix_codes is not None else None
+            steps = _chunk_steps(on_step, number, len(starts))
             chunk_codes, chunk_images = self._sample_chunk(
-                conditions[chunk], prefix, options, generator
+                condition.rows(chunk), prefix, options, generator, steps
             )
             codes.append(chunk_codes.cpu())
             images.append(to_unit_range(chunk_images).cpu())
@@ -314,14 +333,15 @@ class Pipeline:
 
     def _sample_chunk(
         self,
-        conditions: torch.Tensor,
+        condition: Condition,
         prefix_codes: torch.Tensor | None,
         options: SamplingOptions,
         generator: torch.Generator | None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> Sampled:
         """Sample `candidates` per condition and keep the one closest to it by CLIP."""
         candidates = options.candidates
-        repeated = conditions.repeat_interleave(candidates, dim=0)
+        repeated = condition.repeat_interleave(candidates)
         if prefix_codes is not None:
             prefix_codes = prefix_codes.repeat_interleave(candidates, dim=0)
         # (N * candidates, T); the seed is already in `generator`
@@ -331,15 +351,25 @@ class Pipeline:
             replace(options, seed=None),
             prefix_codes=prefix_codes,
             generator=generator,
+            on_step=on_step,
         )
         codes = flat.view(-1, *self.vqgan.config.grid_size)
         images = self.vqgan.decode(codes)  # (N * candidates, 3, H, W) in [-1, 1]
         if candidates == 1:
             return Sampled(codes, images)
-        similarity = (self.clip.encode_image(images) * repeated.float()).sum(dim=-1)
+        similarity = (self.clip.encode_image(images) * repeated.pooled.float()).sum(dim=-1)
         best = similarity.view(-1, candidates).argmax(dim=1)
-        chosen = torch.arange(conditions.shape[0], device=best.device) * candidates + best
+        chosen = torch.arange(condition.batch_size, device=best.device) * candidates + best
         return Sampled(codes[chosen], images[chosen])
+
+
+def _chunk_steps(
+    on_step: Callable[[int, int], None] | None, chunk: int, chunks: int
+) -> Callable[[int, int], None] | None:
+    """`on_step(done, total)` over every chunk, called with one chunk's own count."""
+    if on_step is None:
+        return None
+    return lambda done, total: on_step(chunk * total + done, chunks * total)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -16,6 +16,7 @@ import torch
 import torchvision
 from lightning.pytorch.callbacks import Callback
 
+from generator.conditioning import Condition
 from generator.data import EncodedDataset
 from generator.gpt import GPT
 from generator.module import GeneratorModule
@@ -27,17 +28,24 @@ from tokenizer.vqgan import VQGAN
 
 
 class SamplePrompts(NamedTuple):
-    embeddings: torch.Tensor  # (N, E)
+    condition: Condition  # N rows
     captions: list[str]
 
 
 def sample_prompts(dataset: EncodedDataset, count: int) -> SamplePrompts:
-    """The first `count` samples of a split: their caption's embedding, or their image's
-    (labelled as such) where they have no caption."""
+    """The first `count` samples of a split: their caption's embedding (with its token
+    features where the shards hold them), or their image's (labelled as such) where they have
+    no caption."""
     samples = [dataset[index] for index in range(min(count, len(dataset)))]
     embeddings = [s.text_embedding if s.has_text else s.image_embedding for s in samples]
     captions = [s.caption if s.has_text else "(image embedding)" for s in samples]
-    return SamplePrompts(torch.stack(embeddings), captions)
+    condition = Condition(torch.stack(embeddings))
+    if samples and samples[0].text_tokens.numel():
+        has_text = torch.stack([s.has_text for s in samples])
+        tokens = torch.stack([s.text_tokens for s in samples])
+        mask = torch.stack([s.text_mask for s in samples])
+        condition = Condition(condition.pooled, tokens, mask, drop_tokens=~has_text)
+    return SamplePrompts(condition, captions)
 
 
 GUIDED_SEED_0 = SamplingOptions(cfg_scale=3.0, seed=0)
@@ -95,7 +103,9 @@ class SampleGrid(Callback):
         device = next(model.parameters()).device
         if self.tokenizer is None:
             self.tokenizer = VQGAN.from_pretrained(self.tokenizer_dir, device=device)
-        embeddings = self.prompts.embeddings.to(device).repeat(self.per_prompt, 1)
-        codes = generate(model, embeddings, self.options)
+        condition = self.prompts.condition.map(
+            lambda t: t.to(device).repeat(self.per_prompt, *[1] * (t.ndim - 1))
+        )
+        codes = generate(model, condition, self.options)
         images = self.tokenizer.decode(codes.view(-1, *model.config.grid_size))
         return torchvision.utils.make_grid(to_unit_range(images), nrow=len(self.prompts.captions))

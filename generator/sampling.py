@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
+from generator.conditioning.condition import Condition, as_condition, check_condition
 from generator.cpu_step import OneCodeStep
 from generator.gpt import GPT
 
@@ -137,21 +138,6 @@ def sample_from_logits(
     return torch.searchsorted(cumulative, draw, right=True).squeeze(-1)
 
 
-class Condition(NamedTuple):
-    """What the model is conditioned on, with the unconditional half appended under guidance."""
-
-    clip_embedding: torch.Tensor  # (B', E), B' = 2B under guidance
-    drop_condition: torch.Tensor  # (B',) bool, True for the unconditional half
-
-
-def batch_condition(clip_embedding: torch.Tensor, guided: bool) -> Condition:
-    """The conditional batch, followed by its unconditional copy when guided."""
-    keep = torch.zeros(clip_embedding.shape[0], dtype=torch.bool, device=clip_embedding.device)
-    if not guided:
-        return Condition(clip_embedding, keep)
-    return Condition(torch.cat([clip_embedding, clip_embedding]), torch.cat([keep, ~keep]))
-
-
 def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     """Mix the conditional and unconditional halves of logits (2B, vocab) into (B, vocab)."""
     conditional, unconditional = logits.chunk(2)
@@ -168,15 +154,16 @@ class NextCodeLogits(ABC):
     def __init__(
         self,
         model: GPT,
-        clip_embedding: torch.Tensor,
+        condition: Condition | torch.Tensor,
         cfg_scale: float = 1.0,
         prefix_codes: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.cfg_scale = cfg_scale
         self.guided = cfg_scale != 1.0
-        self.condition = batch_condition(clip_embedding, self.guided)
-        self.rows = self.condition.clip_embedding.shape[0]  # B, or 2B under guidance
+        condition = as_condition(condition)
+        self.condition = condition.guided() if self.guided else condition
+        self.rows = self.condition.batch_size  # B, or 2B under guidance
         self.prefix_codes = None
         if prefix_codes is not None and prefix_codes.shape[1]:
             self.prefix_codes = self._both_halves(prefix_codes)  # (B', K)
@@ -210,8 +197,7 @@ class CachedLogits(NextCodeLogits):
         self.one_code_step = OneCodeStep(self.model, self.rows)
 
     def start(self) -> torch.Tensor:
-        clip_embedding, drop_condition = self.condition
-        logits = self.model.prefill(clip_embedding, self.cache, drop_condition, self.prefix_codes)
+        logits = self.model.prefill(self.condition, self.cache, self.prefix_codes)
         return self._mix(logits)
 
     def advance(self, codes: torch.Tensor) -> torch.Tensor:
@@ -243,54 +229,66 @@ class RecomputedLogits(NextCodeLogits):
 
     def _next_logits(self) -> torch.Tensor:
         # forward never reads its last code, so the placeholder only sets where logits end
-        logits = self.model(self.codes[:, : self.length + 1], *self.condition)
+        logits = self.model(self.codes[:, : self.length + 1], self.condition)
         return self._mix(logits[:, -1])
 
 
 def generate(
     model: GPT,
-    clip_embedding: torch.Tensor,
+    condition: Condition | torch.Tensor,
     options: SamplingOptions = PLAIN,
     *,
     prefix_codes: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Sample codes (B, T) for CLIP embeddings (B, E), with the KV cache.
+    """Sample codes (B, T) for a condition of B rows (or bare CLIP embeddings (B, E)), with
+    the KV cache.
 
     prefix_codes (B, K) are kept as the first K codes (e.g. the top rows of an image, for
     variations) and the rest is sampled. Set `options.seed`, or pass a `torch.Generator` on
     the model's device, for reproducible samples; with neither, torch's global generator is
     used. `options.rerank` is the pipeline's and is not read here. The model runs in eval mode
-    and is put back in its previous mode afterwards.
+    and is put back in its previous mode afterwards. `on_step(done, total)` is called after
+    each code with the codes sampled so far and the number to sample; an exception it raises
+    stops the loop there and reaches the caller (how an app shows progress and stops).
     """
     return _generate(
-        CachedLogits, model, clip_embedding, options, prefix_codes=prefix_codes, generator=generator
+        CachedLogits,
+        model,
+        condition,
+        options,
+        prefix_codes=prefix_codes,
+        generator=generator,
+        on_step=on_step,
     )
 
 
 def generate_naive(
-    model: GPT, clip_embedding: torch.Tensor, options: SamplingOptions = PLAIN, **inputs: Any
+    model: GPT, condition: Condition | torch.Tensor, options: SamplingOptions = PLAIN, **inputs: Any
 ) -> torch.Tensor:
     """`generate` without the KV cache, taking the same `prefix_codes` and `generator`: the
     baseline it must match, code for code."""
-    return _generate(RecomputedLogits, model, clip_embedding, options, **inputs)
+    return _generate(RecomputedLogits, model, condition, options, **inputs)
 
 
 @torch.inference_mode()
 def _generate(
     logits_source: type[CachedLogits] | type[RecomputedLogits],
     model: GPT,
-    clip_embedding: torch.Tensor,
+    condition: Condition | torch.Tensor,
     options: SamplingOptions,
     *,
     prefix_codes: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     options.check(model.config.vocab_size)
-    check_inputs(model, clip_embedding, prefix_codes, generator, options.seed)
+    condition = as_condition(condition)
+    check_inputs(model, condition, prefix_codes, generator, options.seed)
     weight = model.head.weight
-    clip_embedding = clip_embedding.to(weight.device, weight.dtype)
-    batch_size, num_codes = clip_embedding.shape[0], model.config.num_codes
+    condition = condition.to(weight.device, weight.dtype)
+    batch_size, num_codes = condition.batch_size, model.config.num_codes
     codes = torch.empty(batch_size, num_codes, dtype=torch.long, device=weight.device)
     num_given = 0
     if prefix_codes is not None:
@@ -303,10 +301,12 @@ def _generate(
         generator = torch.Generator(weight.device).manual_seed(options.seed)
 
     with _eval_mode(model):
-        source = logits_source(model, clip_embedding, options.cfg_scale, prefix_codes)
+        source = logits_source(model, condition, options.cfg_scale, prefix_codes)
         logits = source.start()  # (B, vocab)
         for t in range(num_given, num_codes):
             codes[:, t] = sample_from_logits(logits, options, generator)
+            if on_step is not None:
+                on_step(t + 1 - num_given, num_codes - num_given)
             if t + 1 < num_codes:
                 logits = source.advance(codes[:, t])
     return codes
@@ -324,13 +324,13 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def check_inputs(
     model: GPT,
-    clip_embedding: torch.Tensor,
+    condition: Condition,
     prefix_codes: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
 ) -> None:
     """Raise a ValueError that says what to do for an input `generate` cannot use."""
-    config = model.config
+    config, clip_embedding = model.config, condition.pooled
     if clip_embedding.ndim != 2 or clip_embedding.shape[1] != config.clip_dim:
         raise ValueError(
             f"clip_embedding must have shape (batch, {config.clip_dim}), got "
@@ -339,6 +339,7 @@ def check_inputs(
         )
     if clip_embedding.shape[0] == 0:
         raise ValueError("clip_embedding is an empty batch; pass at least one embedding.")
+    check_condition(condition, clip_embedding.shape[0], config)
     if prefix_codes is not None:
         _check_prefix_codes(
             prefix_codes, clip_embedding.shape[0], config.num_codes, config.vocab_size

@@ -16,7 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from generator.clip import encoding_clip
 from generator.conditioning import check_captions
-from generator.data import EncodedDataModule, EncodedDataset, load_manifest
+from generator.data import (
+    EncodedDataModule,
+    EncodedDataset,
+    check_token_features,
+    load_manifest,
+)
 from generator.export import Provenance, save_generator
 from generator.module import GeneratorModule
 from generator.sample_grid import SampleGrid, sample_prompts
@@ -44,6 +49,16 @@ def sample_grid(cfg: DictConfig, run_dir: Path, manifest: Manifest) -> list[Samp
     return [grid]
 
 
+def token_sizes(fusion: str, manifest: Manifest, run_dir: Path) -> dict[str, int]:
+    """The CLIP token features' L and W for a fusion that reads them, from the shards, which
+    must hold them."""
+    check_token_features(manifest, fusion != "pooled", run_dir)
+    if fusion == "pooled":
+        return {}
+    length, width = manifest.plan.text_token_shape
+    return {"num_condition_tokens": length, "token_dim": width}
+
+
 def train(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     run = RunDir(run_dir)
@@ -55,6 +70,7 @@ def train(cfg: DictConfig) -> None:
         vocab_size=plan.num_codes,
         grid_size=list(plan.grid_size),
         clip_dim=plan.embed_dim,
+        **token_sizes(cfg.generator.get("fusion", "pooled"), manifest, run_dir),
         _convert_="all",
     )
     condition = instantiate(cfg.condition, _convert_="all")

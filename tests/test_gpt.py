@@ -2,12 +2,14 @@
 
 import ast
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from generator import cpu_step
+from generator.conditioning import Condition, ConditionConfig, training_condition
 from generator.cpu_step import (
     MAX_PACKED_ROWS,
     OneCodeStep,
@@ -152,7 +154,7 @@ def test_cached_steps_match_the_full_forward_pass(
     monkeypatch.setattr(cpu_step, "MIN_PACKED_WEIGHTS", 0)
     codes, clip_embedding = random_inputs(batch_size)
     drop_condition = torch.arange(batch_size) == 1
-    full = model(codes, clip_embedding, drop_condition)  # (B, T, vocab)
+    full = model(codes, Condition(clip_embedding, drop=drop_condition))  # (B, T, vocab)
     step = model.step
     if one_code_step:
         fast_step = OneCodeStep(model, batch_size)
@@ -161,7 +163,7 @@ def test_cached_steps_match_the_full_forward_pass(
         )
         step = lambda codes, cache: fast_step(codes[:, 0], cache)  # noqa: E731
     cache = model.new_cache(batch_size)
-    logits = model.prefill(clip_embedding, cache, drop_condition)
+    logits = model.prefill(Condition(clip_embedding, drop=drop_condition), cache)
     torch.testing.assert_close(logits, full[:, 0], atol=1e-5, rtol=1e-5)
     for t in range(NUM_CODES - 1):
         logits = step(codes[:, t : t + 1], cache)
@@ -338,18 +340,21 @@ def test_position_embeddings_held_for_sampling_are_those_computed(model):
 
 
 def test_null_embedding_is_a_trained_parameter(model):
-    assert isinstance(model.null_embedding, nn.Parameter)
-    assert any(p is model.null_embedding for p in model.parameters())
-    assert model.null_embedding.shape == (CLIP_DIM,)
+    assert isinstance(model.conditioner.null_embedding, nn.Parameter)
+    assert any(p is model.conditioner.null_embedding for p in model.parameters())
+    assert model.conditioner.null_embedding.shape == (CLIP_DIM,)
 
 
 def test_null_embedding_gets_gradient_only_where_the_condition_is_dropped(model):
     codes, clip_embedding = random_inputs(batch_size=2)
-    model(codes, clip_embedding, torch.tensor([False, False])).sum().backward()
-    assert model.null_embedding.grad is None or not model.null_embedding.grad.any()
+    model(codes, Condition(clip_embedding, drop=torch.tensor([False, False]))).sum().backward()
+    assert (
+        model.conditioner.null_embedding.grad is None
+        or not model.conditioner.null_embedding.grad.any()
+    )
     model.zero_grad()
-    model(codes, clip_embedding, torch.tensor([True, False])).sum().backward()
-    assert model.null_embedding.grad.abs().sum() > 0
+    model(codes, Condition(clip_embedding, drop=torch.tensor([True, False]))).sum().backward()
+    assert model.conditioner.null_embedding.grad.abs().sum() > 0
 
 
 def test_drop_condition_replaces_the_clip_embedding(model):
@@ -357,21 +362,31 @@ def test_drop_condition_replaces_the_clip_embedding(model):
     _, other_embedding = random_inputs(batch_size=2, seed=2)
     dropped = torch.tensor([True, True])
     conditional = model(codes, clip_embedding)
-    unconditional = model(codes, clip_embedding, dropped)
+    unconditional = model(codes, Condition(clip_embedding, drop=dropped))
     assert not torch.allclose(conditional, unconditional)
     # once dropped, the CLIP embedding no longer matters
-    torch.testing.assert_close(model(codes, other_embedding, dropped), unconditional)
+    torch.testing.assert_close(
+        model(codes, Condition(other_embedding, drop=dropped)), unconditional
+    )
     # and only the rows that are dropped change
-    mixed = model(codes, clip_embedding, torch.tensor([True, False]))
+    mixed = model(codes, Condition(clip_embedding, drop=torch.tensor([True, False])))
     torch.testing.assert_close(mixed[0], unconditional[0])
     torch.testing.assert_close(mixed[1], conditional[1])
 
 
-def test_draw_drop_condition_follows_p_uncond():
+def test_training_drops_the_condition_with_p_uncond():
     torch.manual_seed(0)
-    never = GPT(tiny_config(p_uncond=0.0)).draw_drop_condition(1000)
-    always = GPT(tiny_config(p_uncond=1.0)).draw_drop_condition(1000)
-    sometimes = GPT(tiny_config(p_uncond=0.25)).draw_drop_condition(4000)
+
+    def drops(p_uncond: float, batch_size: int) -> torch.Tensor:
+        batch = SimpleNamespace(
+            text_embedding=torch.randn(batch_size, CLIP_DIM),
+            image_embedding=torch.randn(batch_size, CLIP_DIM),
+            has_text=torch.ones(batch_size, dtype=torch.bool),
+        )
+        config = tiny_config(p_uncond=p_uncond)
+        return training_condition(batch, ConditionConfig("text"), config, training=True).drop
+
+    never, always, sometimes = drops(0.0, 1000), drops(1.0, 1000), drops(0.25, 4000)
     assert never.dtype == torch.bool and not never.any() and always.all()
     assert 0.2 < sometimes.float().mean() < 0.3
 
@@ -398,12 +413,12 @@ def test_param_groups_decay_only_linear_weights(model):
     for parameter in (
         model.head.weight,
         model.blocks[0].attention.qkv.weight,
-        model.condition_mlp[0].weight,
+        model.conditioner.condition_mlp[0].weight,
     ):
         assert id(parameter) in decayed
     for parameter in (
-        model.null_embedding,
-        model.prefix_position,
+        model.conditioner.null_embedding,
+        model.conditioner.prefix_position,
         model.token_embedding.weight,
         model.row_embedding.weight,
         model.norm.weight,

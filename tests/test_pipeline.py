@@ -31,6 +31,7 @@ from generator.evaluation import (
     evaluate_generator,
     evaluate_variations,
     mean_pairwise_l1,
+    relation_right,
     shapes_prompts,
     shapes_sources,
 )
@@ -304,6 +305,16 @@ def test_attribute_accuracy_pairs_objects_either_way():
     assert attribute_right(scene, query, "shape") and attribute_right(scene, query, "color")
     assert not attribute_right(scene, query, "size")
     assert not attribute_right(Scene(scene.objects[:1], "white"), query, "shape")
+    assert relation_right(scene, query)  # the red circle is left of the blue square
+    swapped = Scene(
+        (
+            dataclasses.replace(scene.objects[0], position="left"),
+            dataclasses.replace(scene.objects[1], position="right"),
+        ),
+        "white",
+    )
+    assert not relation_right(swapped, query)
+    assert not relation_right(scene, parse_caption("a small red circle in the center"))
 
 
 class OraclePipeline:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from generator.conditioning import Condition
 from generator.gpt import GPT, GPTConfig
 from generator.sampling import (
     CachedLogits,
@@ -42,7 +43,7 @@ def greedy_reference(model: GPT, clip_embedding: torch.Tensor, drop: bool) -> to
     codes = torch.zeros(batch_size, NUM_CODES, dtype=torch.long)
     with torch.no_grad():
         for t in range(NUM_CODES):
-            logits = model(codes[:, : t + 1], clip_embedding, drop_condition)
+            logits = model(codes[:, : t + 1], Condition(clip_embedding, drop=drop_condition))
             codes[:, t] = logits[:, -1].argmax(dim=-1)
     return codes
 
@@ -117,8 +118,10 @@ def test_temperature_sharpens_and_flattens():
 def test_cached_logits_match_the_full_forward_pass_at_every_step(model, clip_embedding, cfg_scale):
     codes = torch.randint(0, VOCAB_SIZE, (3, NUM_CODES), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        conditional = model(codes, clip_embedding, torch.zeros(3, dtype=torch.bool))
-        unconditional = model(codes, clip_embedding, torch.ones(3, dtype=torch.bool))
+        conditional = model(codes, Condition(clip_embedding, drop=torch.zeros(3, dtype=torch.bool)))
+        unconditional = model(
+            codes, Condition(clip_embedding, drop=torch.ones(3, dtype=torch.bool))
+        )
         expected = unconditional + cfg_scale * (conditional - unconditional)  # (B, T, vocab)
         source = CachedLogits(model, clip_embedding, cfg_scale)
         assert source.cache.batch_size == (6 if cfg_scale != 1 else 3)  # one batch for both
@@ -296,7 +299,7 @@ def test_a_full_prefix_is_returned_as_is(model, clip_embedding):
 @pytest.mark.parametrize("sampler", [generate, generate_naive])
 def test_invalid_parameters_raise_before_any_work(model, clip_embedding, sampler, options, message):
     calls = []
-    model.condition_mlp.register_forward_hook(lambda *args: calls.append(1))
+    model.conditioner.condition_mlp.register_forward_hook(lambda *args: calls.append(1))
     options, inputs = (
         dict(options),
         {"clip_embedding": clip_embedding, "prefix_codes": None, "generator": None},

@@ -57,7 +57,9 @@ def gpt_cost(model: GPT, rows: int) -> GPTCost:
     blocks, head = matmul_weights(model)
     prefix, codes = config.num_prefix_tokens, config.num_codes
     condition = 2 * sum(
-        m.weight.numel() for m in model.condition_mlp.modules() if isinstance(m, nn.Linear)
+        m.weight.numel()
+        for m in model.conditioner.condition_mlp.modules()
+        if isinstance(m, nn.Linear)
     )
     attention = 4 * config.dim * config.num_layers  # per (query, key) pair: q.k and p.v
 

@@ -132,11 +132,18 @@ def registration_limit(max_tensors: int, max_bytes: int) -> Iterator[None]:
             handle.remove()
 
 
-def load_checked_model(build: Callable[[], M], weights: Path, config: Path, fix: str) -> M:
+def load_checked_model(
+    build: Callable[[], M],
+    weights: Path,
+    config: Path,
+    fix: str,
+    renamed: Callable[[str], str] = lambda name: name,
+) -> M:
     """`build()` (a model of the config in `config`) holding the weights in `weights`, on the
     CPU; a ValueError naming both files and ending with `fix` when they do not belong together.
-    Peak memory is bounded by the size of `weights`, whatever `config` says."""
-    saved = saved_tensors(weights, fix)
+    Peak memory is bounded by the size of `weights`, whatever `config` says. `renamed` maps a
+    tensor's name in files written before a rename to its name in the model."""
+    saved = {renamed(name): tensor for name, tensor in saved_tensors(weights, fix).items()}
     refusal = f"{weights} does not match {config}"
     limit = registration_limit(
         len(saved) + UNSAVED_TENSORS, sum(map(nbytes, saved.values())) + UNSAVED_BYTES
@@ -154,5 +161,6 @@ def load_checked_model(build: Callable[[], M], weights: Path, config: Path, fix:
     if wrong:
         raise ValueError(f"{refusal} (tensors {wrong[:3]} differ): {fix}")
     model = build()
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    state = {renamed(name): tensor for name, tensor in load_file(str(weights)).items()}
+    model.load_state_dict(state, strict=True)
     return model

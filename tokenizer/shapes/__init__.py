@@ -17,7 +17,7 @@ which lets the project measure whether a generated image matches its prompt.
 from tokenizer.shapes.captions import canonical_caption, parse_caption, sample_caption
 from tokenizer.shapes.checker import check, check_batch
 from tokenizer.shapes.drawing import degrade, draw
-from tokenizer.shapes.matching import matches, scene_matches
+from tokenizer.shapes.matching import matches, relation_holds, scene_matches
 from tokenizer.shapes.sampling import ShapesConfig, ShapesExample, generate
 from tokenizer.shapes.scene import (
     BACKGROUNDS,
@@ -60,6 +60,7 @@ __all__ = [
     "generate",
     "is_held_out",
     "matches",
+    "relation_holds",
     "parse_caption",
     "sample_caption",
     "scene_matches",

@@ -21,7 +21,8 @@ def _object_matches(found: ShapeObject, wanted: ObjectQuery) -> bool:
     )
 
 
-def _relation_holds(relation: str, first: ShapeObject, second: ShapeObject) -> bool:
+def relation_holds(relation: str, first: ShapeObject, second: ShapeObject) -> bool:
+    """Whether `relation` (one of RELATIONS) holds from the first object to the second."""
     return relation in relations(first, second)
 
 
@@ -37,7 +38,7 @@ def scene_matches(scene: Scene, target: str | Scene | Query) -> bool:
     for found in permutations(scene.objects):
         if not all(_object_matches(f, w) for f, w in zip(found, query.objects, strict=True)):
             continue
-        if query.relation is None or _relation_holds(query.relation, found[0], found[1]):
+        if query.relation is None or relation_holds(query.relation, found[0], found[1]):
             return True
     return False
 

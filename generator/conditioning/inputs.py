@@ -1,4 +1,5 @@
-"""Which CLIP embedding a training sample is conditioned on: its caption's, its image's, or both.
+"""What a training sample is conditioned on: its caption's CLIP embedding, its image's, or
+both, with the caption's token features where the fusion reads them, and the training drops.
 
 CLIP puts text and images in one space, but not in the same region of it: the embedding of an
 image and that of its caption are far apart (the "modality gap"). A generator trained on image
@@ -15,14 +16,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from generator.data import EncodedSample
-from generator.export import CONDITIONS
-from generator.shards import Manifest
+from generator.conditioning.condition import Condition
 from tokenizer.base.configs import checked_config
+
+if TYPE_CHECKING:
+    from generator.data import EncodedSample
+    from generator.gpt import GPTConfig
+    from generator.shards import Manifest
+
+CONDITIONS = ("text", "image", "mixed")  # which CLIP embedding a generator is trained on
 
 
 @checked_config("condition")
@@ -65,14 +72,19 @@ def pseudo_text_embedding(
     return F.normalize(mixed, dim=-1)
 
 
-def condition_embedding(
+class ChosenEmbedding(NamedTuple):
+    embedding: torch.Tensor  # (B, E)
+    from_image: torch.Tensor  # (B,) bool: the image's (or its pseudo-text) embedding was chosen
+
+
+def choose_embedding(
     batch: EncodedSample,
     config: ConditionConfig,
     *,
     training: bool,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The CLIP embedding (B, E) each sample of a batch is conditioned on.
+) -> ChosenEmbedding:
+    """The CLIP embedding (B, E) each sample of a batch is conditioned on, and which are images'.
 
     `text`: the caption's. `image`: the image's, noised in training. `mixed`: the caption's
     where there is one, else the image's; in training also the image's with probability
@@ -82,19 +94,57 @@ def condition_embedding(
     if training:
         image = pseudo_text_embedding(image, config.image_noise, generator)
     if config.mode == "image":
-        return image
+        return ChosenEmbedding(image, torch.ones_like(batch.has_text))
     if config.mode == "text":
         if not bool(batch.has_text.all()):
             raise ValueError(
                 "condition.mode=text but some samples have no caption: use condition.mode=mixed "
                 "(or image) for data where not every image has a caption."
             )
-        return batch.text_embedding
+        return ChosenEmbedding(batch.text_embedding, torch.zeros_like(batch.has_text))
     use_image = ~batch.has_text
     if training and config.image_probability > 0:
         draws = torch.rand(use_image.shape, generator=generator, device=use_image.device)
         use_image = use_image | (draws < config.image_probability)
-    return torch.where(use_image[:, None], image, batch.text_embedding)
+    return ChosenEmbedding(torch.where(use_image[:, None], image, batch.text_embedding), use_image)
+
+
+def condition_embedding(
+    batch: EncodedSample,
+    config: ConditionConfig,
+    *,
+    training: bool,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The pooled CLIP embedding (B, E) each sample is conditioned on; see choose_embedding."""
+    return choose_embedding(batch, config, training=training, generator=generator).embedding
+
+
+def training_condition(
+    batch: EncodedSample,
+    config: ConditionConfig,
+    model: GPTConfig,
+    *,
+    training: bool,
+    generator: torch.Generator | None = None,
+) -> Condition:
+    """Everything the generator reads for a batch: the chosen pooled embedding, the caption's
+    token features where the fusion reads them (their null where the image's embedding was
+    chosen), and in training the random drops: all inputs with probability `p_uncond`
+    (classifier-free guidance), the token features alone with `p_drop_tokens`."""
+    pooled, from_image = choose_embedding(batch, config, training=training, generator=generator)
+    condition = Condition(pooled)
+    if model.fusion != "pooled":
+        condition = Condition(pooled, batch.text_tokens, batch.text_mask, drop_tokens=from_image)
+    if not training:
+        return condition
+    batch_size, device = pooled.shape[0], pooled.device
+    drop = torch.rand(batch_size, device=device, generator=generator) < model.p_uncond
+    condition = condition._replace(drop=drop)
+    if model.fusion != "pooled" and model.p_drop_tokens > 0:
+        draws = torch.rand(batch_size, device=device, generator=generator)
+        condition = condition._replace(drop_tokens=from_image | (draws < model.p_drop_tokens))
+    return condition
 
 
 def check_captions(manifest: Manifest, condition: ConditionConfig, run_dir: Path) -> None:
