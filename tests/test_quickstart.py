@@ -1,13 +1,13 @@
 """The whole pipeline through scripts/pipeline.py at test size, and the report it writes."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import chromium
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,24 +173,25 @@ def test_stage_settings_become_overrides_that_hydra_reads_back():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs headless Chromium")
 def test_the_report_renders_in_a_browser(finished_run, tmp_path):
     run_dir, _ = finished_run
     screenshot = tmp_path / "report.png"
-    subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--window-size=1100,2400",
-            f"--screenshot={screenshot}",
-            (run_dir / "report.html").resolve().as_uri(),
-        ],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1100, "height": 2400})
+        page.goto((run_dir / "report.html").resolve().as_uri(), wait_until="load")
+        images = page.evaluate("[...document.images].map(i => i.complete ? i.naturalWidth : 0)")
+        plots = page.evaluate(
+            """[...document.querySelectorAll('svg')].map(svg => ({
+                width: svg.getBoundingClientRect().width,
+                points: svg.querySelector('polyline')?.points.numberOfItems ?? 0,
+                length: svg.querySelector('polyline')?.getTotalLength() ?? 0,
+            }))"""
+        )
+        page.screenshot(path=screenshot)
+    assert len(images) >= 12 * 2 + 5 * 2 + 4 * 3
+    assert all(width > 0 for width in images)  # every image loads
+    assert all(plot["width"] > 0 and plot["points"] > 0 for plot in plots)  # every plot draws
+    assert sum(plot["length"] > 0 for plot in plots) >= 3  # a curve for every training stage
     pixels = np.asarray(Image.open(screenshot).convert("RGB"))
     assert pixels.shape[:2] == (2400, 1100)
     colourful = (pixels.max(axis=2).astype(int) - pixels.min(axis=2)) > 60
