@@ -392,7 +392,8 @@ def encode_run(
             f"the data config has no {' or '.join(missing)} split: leave it out of splits, or "
             "give the data one (data.num_val, data.val_path or data.val_fraction, ...)."
         )
-    encoded_dir, tokenizer_dir = RunDir(run_dir).encoded, RunDir(run_dir).tokenizer
+    run = RunDir(run_dir)
+    encoded_dir, tokenizer_dir = run.encoded, run.tokenizer
     vqgan = VQGAN.from_pretrained(tokenizer_dir, device=device)
     data_config = dataclasses.replace(data_config, image_size=vqgan.config.image_size)
     plan = make_plan(tokenizer_dir, vqgan, clip, data_config, shard_size, tokens)

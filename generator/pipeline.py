@@ -68,10 +68,11 @@ class Sampled(NamedTuple):
 
 def run_clip_config(run_dir: Path) -> CLIPConfig:
     """The CLIP of a run that trained its own (RUN/clip); other runs must name theirs."""
-    if config_file(RunDir(run_dir).clip).is_file():
+    clip_dir = RunDir(run_dir).clip
+    if config_file(clip_dir).is_file():
         return CLIPConfig(source="trained")
     raise FileNotFoundError(
-        f"{run_dir} holds no CLIP trained here ({RunDir(run_dir).clip} is missing): name the CLIP "
+        f"{run_dir} holds no CLIP trained here ({clip_dir} is missing): name the CLIP "
         "the generator was trained with, as clip=<config> on the command line (the one "
         "scripts/encode.py used, e.g. clip=openai_vit_b32) or clip_config=CLIPConfig(...)."
     )
@@ -131,8 +132,9 @@ class Pipeline:
         belong together. The CLIP is `clip_config` where given, else the one the generator's
         provenance names, else the run's own (RUN/clip)."""
         run_dir = Path(run_dir)
-        vqgan = VQGAN.from_pretrained(RunDir(run_dir).tokenizer, device=device)
-        model, provenance = load_generator(RunDir(run_dir).generator, device=device)
+        run = RunDir(run_dir)
+        vqgan = VQGAN.from_pretrained(run.tokenizer, device=device)
+        model, provenance = load_generator(run.generator, device=device)
         clip_config = clip_config or provenance.clip or run_clip_config(run_dir)
         clip = load_clip(clip_config, run_dir, device)
         check_belongs_together(provenance, run_dir, clip.fingerprint(), config=model.config)

@@ -42,9 +42,6 @@ class Condition(NamedTuple):
     def rows(self, index: slice | torch.Tensor) -> Condition:
         return self.map(lambda t: t[index])
 
-    def with_drop(self, drop: torch.Tensor) -> Condition:
-        return self._replace(drop=drop if self.drop is None else self.drop | drop)
-
     def guided(self) -> Condition:
         """The batch classifier-free guidance runs: the condition, then its unconditional copy
         (every input dropped); (2B, ...)."""
