@@ -6,8 +6,11 @@ takes what the blocks compute out of the modules once (detached weights, norms a
 calls, the position embeddings of every code) and runs a step as straight torch calls on them.
 Where it pays, the large weights are also held a second time, laid out for products of the
 step's few rows (`packing`). The model itself carries none of this: the sampler builds a step,
-uses it for one `generate` call and drops it. On a GPU or in bf16 the same step runs with
-plain products.
+uses it for one `generate` call and drops it. In bf16 or fp16, or on a GPU, the same step runs
+with plain products: packing is for fp32 only, so on a CPU half precision trades the packed
+products for half the bytes (generator/precision.py's `auto` measures which is faster). On a
+GPU the sampler replays a CUDA graph of generator/cuda_graph_step.py's step instead, and falls
+back to this one where it cannot.
 
 Its arithmetic is `Block.forward`'s, in the same order, so its logits match the model's
 forward pass (tested).

@@ -17,6 +17,10 @@ conditions on the prompt's text embedding, variations on the source's image embe
 `keep_rows=K`, a variation also keeps the top K rows of the source's own codes and samples
 the rest (DALL·E-style completion). With `rerank=N`, N candidates are sampled per image and
 the one CLIP finds closest to its condition is kept, as in DALL·E.
+
+The generator samples in `precision` (fp32 by default, bf16, fp16, or auto: bf16 on a GPU that
+supports it, fp32 on a CPU unless bf16 measures faster; generator/precision.py); its weights
+are cast once, at load. The tokenizer and CLIP run in fp32.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from generator.conditioning import Condition
 from generator.export import Provenance, check_belongs_together, load_generator
 from generator.gpt import GPT
 from generator.images import fit_to_size, read_image, read_pil
+from generator.precision import DTYPES, check_precision, probe_rows, sampling_precision
 from generator.sampling import SamplingOptions, generate
 from tokenizer.base.run_dir import RunDir, config_file
 from tokenizer.evaluation import to_unit_range
@@ -103,7 +108,11 @@ def _check_count(name: str, value: int, least: int) -> None:
 
 
 class Pipeline:
-    """A run's tokenizer, CLIP and generator, checked to belong together."""
+    """A run's tokenizer, CLIP and generator, checked to belong together.
+
+    The generator is cast to `precision` (fp32, bf16, fp16 or auto), in place; `precision` then
+    holds what it samples in, never auto.
+    """
 
     def __init__(
         self,
@@ -112,11 +121,13 @@ class Pipeline:
         model: GPT,
         provenance: Provenance,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        precision: str = "fp32",
     ) -> None:
         _check_count("batch_size", batch_size, 1)
+        self.precision = sampling_precision(precision, model, probe_rows(batch_size))
         self.vqgan = vqgan.eval()
         self.clip = clip
-        self.model = model.eval()
+        self.model = model.to(DTYPES[self.precision]).eval()
         self.provenance = provenance
         self.batch_size = batch_size
 
@@ -127,10 +138,13 @@ class Pipeline:
         device: str | torch.device = "cpu",
         clip_config: CLIPConfig | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        precision: str = "fp32",
     ) -> Pipeline:
         """Load RUN/tokenizer, the run's CLIP and RUN/generator, refusing parts that do not
         belong together. The CLIP is `clip_config` where given, else the one the generator's
-        provenance names, else the run's own (RUN/clip)."""
+        provenance names, else the run's own (RUN/clip). The generator samples in
+        `precision` (see the module docstring)."""
+        check_precision(precision)
         run_dir = Path(run_dir)
         run = RunDir(run_dir)
         vqgan = VQGAN.from_pretrained(run.tokenizer, device=device)
@@ -138,7 +152,7 @@ class Pipeline:
         clip_config = clip_config or provenance.clip or run_clip_config(run_dir)
         clip = load_clip(clip_config, run_dir, device)
         check_belongs_together(provenance, run_dir, clip.fingerprint(), config=model.config)
-        return cls(vqgan, clip, model, provenance, batch_size)
+        return cls(vqgan, clip, model, provenance, batch_size, precision)
 
     @property
     def device(self) -> torch.device:

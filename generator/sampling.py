@@ -1,9 +1,13 @@
 """Sampling codes from the GPT: temperature, top-k, top-p and classifier-free guidance.
 
-`generate` keeps a preallocated KV cache and feeds one code per step; `generate_naive` re-runs
-the full forward pass for every code and is the baseline that tests and benchmarks compare
-against. Both share everything else (guidance, filtering, the random draws), so for the same
-seed they return the same codes.
+`generate` keeps a preallocated KV cache and feeds one code per step (on a GPU, each step one
+replay of a CUDA graph); `generate_naive` re-runs the full forward pass for every code and is
+the baseline that tests and benchmarks compare against. Both share everything else (guidance,
+filtering, the random draws), so for the same seed they return the same codes. Where the
+logits come from: generator/next_code_logits.py.
+
+The model samples in its own dtype (fp32, bf16 or fp16: generator/precision.py), its KV cache
+too; guidance, the softmax and the draw run in fp32.
 
 Guidance runs the conditional and unconditional halves as one batch of 2B and mixes them as
 `uncond + cfg_scale * (cond - uncond)`: cfg_scale = 1 is the plain conditional model (and runs
@@ -20,7 +24,6 @@ one per code: on a CPU, drawing 16 x 16,384 of them took 7x as long as this whol
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -29,8 +32,12 @@ from typing import Any
 import torch
 
 from generator.conditioning.condition import Condition, as_condition, check_condition
-from generator.cpu_step import OneCodeStep
 from generator.gpt import GPT
+from generator.next_code_logits import (
+    CachedLogits,
+    RecomputedLogits,
+    cached_logits_class,
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class SamplingOptions:
     cfg_scale: float = 1.0  # 1: no guidance, 0: unconditional, larger: follow the condition
     seed: int | None = None
     rerank: int = 0  # the pipeline's: candidates per image, the best by CLIP kept; 0 or 1: none
+    cuda_graph: bool = True  # on a GPU, replay each step as a CUDA graph; False: eager steps
 
     @property
     def candidates(self) -> int:
@@ -85,6 +93,8 @@ class SamplingOptions:
             raise ValueError(f"rerank must be an integer of at least 0, got {self.rerank!r}.")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}.")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be true or false, got {self.cuda_graph!r}.")
 
 
 PLAIN = SamplingOptions()
@@ -138,101 +148,6 @@ def sample_from_logits(
     return torch.searchsorted(cumulative, draw, right=True).squeeze(-1)
 
 
-def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-    """Mix the conditional and unconditional halves of logits (2B, vocab) into (B, vocab)."""
-    conditional, unconditional = logits.chunk(2)
-    return unconditional + cfg_scale * (conditional - unconditional)
-
-
-class NextCodeLogits(ABC):
-    """Logits of the next code for the caller's B images, guidance already applied.
-
-    Under guidance the model sees 2B rows: the conditional batch, then its unconditional copy.
-    `prefix_codes` (B, K) are codes already chosen, fed before the first code to sample.
-    """
-
-    def __init__(
-        self,
-        model: GPT,
-        condition: Condition | torch.Tensor,
-        cfg_scale: float = 1.0,
-        prefix_codes: torch.Tensor | None = None,
-    ) -> None:
-        self.model = model
-        self.cfg_scale = cfg_scale
-        self.guided = cfg_scale != 1.0
-        condition = as_condition(condition)
-        self.condition = condition.guided() if self.guided else condition
-        self.rows = self.condition.batch_size  # B, or 2B under guidance
-        self.prefix_codes = None
-        if prefix_codes is not None and prefix_codes.shape[1]:
-            self.prefix_codes = self._both_halves(prefix_codes)  # (B', K)
-        self.prepare()
-
-    @abstractmethod
-    def prepare(self) -> None:
-        """Allocate what the steps reuse."""
-
-    @abstractmethod
-    def start(self) -> torch.Tensor:
-        """Logits (B, vocab) of the first code to sample."""
-
-    @abstractmethod
-    def advance(self, codes: torch.Tensor) -> torch.Tensor:
-        """Take the codes (B,) just sampled; return the logits (B, vocab) of the next ones."""
-
-    def _both_halves(self, codes: torch.Tensor) -> torch.Tensor:
-        return torch.cat([codes, codes]) if self.guided else codes
-
-    def _mix(self, logits: torch.Tensor) -> torch.Tensor:
-        return guide(logits, self.cfg_scale) if self.guided else logits
-
-
-class CachedLogits(NextCodeLogits):
-    """Runs the prefix (and any given codes) once, then one code per step against a KV cache,
-    through a `OneCodeStep` built for this call's rows (the model must stay in eval mode)."""
-
-    def prepare(self) -> None:
-        self.cache = self.model.new_cache(self.rows)
-        self.one_code_step = OneCodeStep(self.model, self.rows)
-
-    def start(self) -> torch.Tensor:
-        logits = self.model.prefill(self.condition, self.cache, self.prefix_codes)
-        return self._mix(logits)
-
-    def advance(self, codes: torch.Tensor) -> torch.Tensor:
-        return self._mix(self.one_code_step(self._both_halves(codes), self.cache))
-
-
-class RecomputedLogits(NextCodeLogits):
-    """The naive baseline: a full forward pass over every code so far, for every new code."""
-
-    def prepare(self) -> None:
-        self.codes = torch.zeros(  # (B', T); the slot after the last code is a placeholder
-            self.rows,
-            self.model.config.num_codes,
-            dtype=torch.long,
-            device=self.model.head.weight.device,
-        )
-        self.length = 0
-        if self.prefix_codes is not None:
-            self.length = self.prefix_codes.shape[1]
-            self.codes[:, : self.length] = self.prefix_codes
-
-    def start(self) -> torch.Tensor:
-        return self._next_logits()
-
-    def advance(self, codes: torch.Tensor) -> torch.Tensor:
-        self.codes[:, self.length] = self._both_halves(codes)
-        self.length += 1
-        return self._next_logits()
-
-    def _next_logits(self) -> torch.Tensor:
-        # forward never reads its last code, so the placeholder only sets where logits end
-        logits = self.model(self.codes[:, : self.length + 1], self.condition)
-        return self._mix(logits[:, -1])
-
-
 def generate(
     model: GPT,
     condition: Condition | torch.Tensor,
@@ -249,12 +164,15 @@ def generate(
     variations) and the rest is sampled. Set `options.seed`, or pass a `torch.Generator` on
     the model's device, for reproducible samples; with neither, torch's global generator is
     used. `options.rerank` is the pipeline's and is not read here. The model runs in eval mode
-    and is put back in its previous mode afterwards. `on_step(done, total)` is called after
-    each code with the codes sampled so far and the number to sample; an exception it raises
-    stops the loop there and reaches the caller (how an app shows progress and stops).
+    and is put back in its previous mode afterwards. It samples in its own dtype (cast it, or
+    load the pipeline with a precision, to sample in bf16 or fp16); on a GPU each step replays
+    a CUDA graph captured for this call unless `options.cuda_graph` is False. `on_step(done,
+    total)` is called after each code with the codes sampled so far and the number to sample;
+    an exception it raises stops the loop there and reaches the caller (how an app shows
+    progress and stops).
     """
     return _generate(
-        CachedLogits,
+        cached_logits_class(model, options.cuda_graph),
         model,
         condition,
         options,

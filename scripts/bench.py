@@ -1,6 +1,7 @@
 """Benchmark the hot paths against their baselines; prints one JSON object last, writes `out`.
 
-    python scripts/bench.py [device=cpu|cuda|auto] [sizes=default|all] [out=bench.json]
+    python scripts/bench.py [device=cpu|cuda|auto] [sizes=auto|default|gpu|all] [out=bench.json]
+    python scripts/bench.py device=cuda           # a GPU's ceilings, eager and CUDA graph sampling
     python scripts/bench.py quick=true            # tiny sizes, one repeat: the test suite's run
     python scripts/bench.py sections=[sampling] size_sets.default.generators=[small_256]
 

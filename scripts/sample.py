@@ -48,7 +48,11 @@ def sample(cfg: DictConfig) -> None:
     prompts = prompts_of(cfg)
     clip_config = instantiate(cfg.clip, _convert_="all") if cfg.get("clip") else None
     pipeline = Pipeline.from_run_dir(
-        run_dir, resolve_device(cfg.device), clip_config, batch_size=cfg.batch_size
+        run_dir,
+        resolve_device(cfg.device),
+        clip_config,
+        batch_size=cfg.batch_size,
+        precision=cfg.precision,
     )
     options = SamplingOptions.from_settings(cfg, DEFAULT_OPTIONS)
     generated = pipeline.text_to_image(prompts, cfg.num_images, options)

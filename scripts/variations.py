@@ -25,7 +25,11 @@ def make_variations(cfg: DictConfig) -> None:
     image = Path(cfg.image)
     clip_config = instantiate(cfg.clip, _convert_="all") if cfg.get("clip") else None
     pipeline = Pipeline.from_run_dir(
-        run_dir, resolve_device(cfg.device), clip_config, batch_size=cfg.batch_size
+        run_dir,
+        resolve_device(cfg.device),
+        clip_config,
+        batch_size=cfg.batch_size,
+        precision=cfg.precision,
     )
     options = SamplingOptions.from_settings(cfg, DEFAULT_OPTIONS)
     varied = pipeline.variations(image, cfg.num_images, options, keep_rows=cfg.keep_rows)

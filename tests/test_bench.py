@@ -9,6 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from helpers import compose_config
+
+from generator.bench import for_device, selection, size_set_name
+from generator.bench.bars import FIGURES
+from generator.bench.machine import Ceilings
+from generator.bench.sampling import Sampler, graph_cases
+from generator.bench.summary import graph_table
+from generator.cuda_graph_step import GraphCaptureWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ("encode_contiguous", "encode_channels_last", "decode_contiguous", "decode_channels_last")
@@ -18,8 +27,13 @@ BARS = (
     "cached_over_naive_64_tokens",
     "reference_batch1_weight_bandwidth",
     "reference_batch16_matmul_fraction",
+    "reference_bf16_graph_batch1_tokens_per_s",
+    "reference_bf16_graph_over_eager_batch1",
+    "reference_batch64_cfg_bf16_matmul_fraction",
     "channels_last_encode",
 )
+GRAPH_BARS = BARS[4:7]
+CEILINGS = Ceilings(fp32_gflops=1.0, bf16_gflops=2.0, copy_gbps=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +126,8 @@ def test_sampling_cases_and_ratios(bench):
         for key in ("cached_over_naive", "bf16_over_fp32_cached", "bf16_cached_over_naive"):
             assert case[key] > 0
     assert generator["cases"]["b1_cfg"]["rows"] == 2
+    for case in generator["cases"].values():  # a CPU replays no CUDA graph
+        assert not {"cached_graph", "cached_bf16_graph", "graph_over_eager"} & set(case)
 
 
 def test_every_bar_is_reported(bench):
@@ -121,3 +137,66 @@ def test_every_bar_is_reported(bench):
         assert {"requirement", "threshold", "measured", "met"} <= set(entry)
     assert bars["cached_over_naive_256_tokens"]["met"] is None  # small_256 is not in quick
     assert isinstance(bars["channels_last_encode"]["met"], bool)
+    for name in GRAPH_BARS:  # a GPU's, and the reference size is not in quick
+        assert bars[name]["met"] is None and "not measured" in bars[name]["reason"]
+
+
+# ---------------------------------------------------------------------------------------------
+# device=cuda, without a GPU: its settings, sizes, graph cases, table and bars
+
+
+def test_a_gpu_run_takes_the_cuda_settings_and_the_gpu_sizes():
+    cfg = compose_config("bench", [])
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    on_gpu = for_device(cfg, cuda)
+    assert on_gpu.repeats < cfg.repeats and on_gpu.naive_max_s < cfg.naive_max_s
+    assert for_device(cfg, cpu).repeats == cfg.repeats
+    assert size_set_name(cfg, cuda) == "gpu" and size_set_name(cfg, cpu) == "default"
+    chosen = selection(on_gpu, cuda)
+    assert list(chosen.batch_sizes) == [1, 8, 64]
+    assert {"small_256", "reference"} <= set(chosen.generators)
+    assert size_set_name(compose_config("bench", ["sizes=all"]), cuda) == "all"
+
+
+def measured(tokens_per_s: float, fraction: float) -> dict:
+    return {"tokens_per_s": {"median": tokens_per_s}, "fraction_of_matmul_ceiling": fraction}
+
+
+def test_graph_cases_measure_both_precisions_and_say_why_one_is_missing():
+    eager = {"cached": measured(100.0, 0.1), "cached_bf16": measured(200.0, 0.2)}
+
+    def run_graph(gpt, ceiling):
+        if gpt == "bf16 model":
+            raise GraphCaptureWarning("no capture here")
+        return measured(400.0, 0.4)
+
+    sampler = Sampler("fp32 model", "bf16 model", "true", 1.0)
+    cases = graph_cases(eager, run_graph, sampler, CEILINGS)
+    assert cases["cached_graph"]["tokens_per_s"]["median"] == 400.0
+    assert cases["graph_over_eager"] == 4.0
+    assert "no capture here" in cases["cached_bf16_graph"]["skipped"]
+    assert cases["bf16_graph_over_eager"] is None
+    skipped_eager = {**eager, "cached_bf16": {"skipped": "bf16=false"}}
+    cases = graph_cases(skipped_eager, lambda gpt, ceiling: measured(1.0, 0.1), sampler, CEILINGS)
+    assert cases["cached_bf16_graph"] == {"skipped": "bf16=false"}
+
+
+def test_graph_rows_make_a_table_and_meet_the_gpu_bars():
+    case = {
+        "cached": measured(1000.0, 0.01),
+        "cached_graph": measured(3000.0, 0.03),
+        "cached_bf16": measured(1200.0, 0.2),
+        "cached_bf16_graph": measured(3600.0, 0.35),
+        "graph_over_eager": 3.0,
+        "bf16_graph_over_eager": 3.0,
+    }
+    results = {"sampling": {"reference": {"cases": {"b1": case, "b64_cfg": case}}}}
+    lines = graph_table(results["sampling"])
+    assert lines[1].startswith("| generator | case | fp32 eager tok/s | fp32 graph tok/s")
+    assert (
+        lines[3]
+        == "| reference | b1 | 1,000.0 | 3,000.0 | 3.00 | 1,200.0 | 3,600.0 | 3.00 | 35.0 |"
+    )
+    figures = [FIGURES[name].read(results) for name in GRAPH_BARS]
+    assert figures == [3600.0, 3.0, 0.35]
+    assert graph_table({"tiny_64": {"cases": {"b1": {"cached": case["cached"]}}}}) == []

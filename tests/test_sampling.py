@@ -7,9 +7,8 @@ import torch
 
 from generator.conditioning import Condition
 from generator.gpt import GPT, GPTConfig
+from generator.next_code_logits import CachedLogits, RecomputedLogits
 from generator.sampling import (
-    CachedLogits,
-    RecomputedLogits,
     SamplingOptions,
     filter_logits,
     generate,

@@ -7,7 +7,11 @@ Sections, all measured in one run:
              one stage-one training step (autoencoder + discriminator) through TokenizerModule
   encode     scripts/encode.py's per-batch work: codes, CLIP image and caption embeddings
   sampling   tokens/s of the KV-cached `generate`, the naive full-recompute loop and cached
-             bf16, per batch size, with and without classifier-free guidance; their ratios
+             bf16, per batch size, with and without classifier-free guidance; their ratios. On
+             a GPU also the cached loops replaying a CUDA graph per step, in fp32 and bf16
+
+On a GPU (device=cuda) the settings under `cuda` in conf/bench.yaml replace the top-level ones
+(fewer repeats, a lower naive_max_s: never fewer tokens), and sizes=auto picks the `gpu` sizes.
 
 Every figure is the median over timed repeats after warm-up, with min and max. Peak memory is
 the process's peak RSS during the measurement and, on CUDA, the max allocated. FLOPs come from
@@ -22,7 +26,7 @@ import time
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from generator.bench.bars import bars, check_bars
 from generator.bench.encode import encode_section
@@ -35,10 +39,25 @@ from generator.pipeline import resolve_device
 SECTIONS = ("tokenizer", "encode", "sampling")
 
 
-def selection(cfg: DictConfig) -> DictConfig:
-    size_set = "quick" if cfg.quick else cfg.sizes
+def for_device(cfg: DictConfig, device: torch.device) -> DictConfig:
+    """`cfg` as measured on `device`: on a GPU, the settings under `cuda` in place of the
+    top-level ones."""
+    return OmegaConf.merge(cfg, cfg.cuda) if device.type == "cuda" else cfg
+
+
+def size_set_name(cfg: DictConfig, device: torch.device) -> str:
+    """quick where asked; `sizes`, where auto is gpu on a GPU and default elsewhere."""
+    if cfg.quick:
+        return "quick"
+    if cfg.sizes == "auto":
+        return "gpu" if device.type == "cuda" else "default"
+    return str(cfg.sizes)
+
+
+def selection(cfg: DictConfig, device: torch.device) -> DictConfig:
+    size_set = size_set_name(cfg, device)
     if size_set not in cfg.size_sets:
-        raise ValueError(f"sizes={size_set!r}: use one of {sorted(cfg.size_sets)}.")
+        raise ValueError(f"sizes={size_set!r}: use auto or one of {sorted(cfg.size_sets)}.")
     chosen = cfg.size_sets[size_set]
     unknown = (
         [n for n in chosen.tokenizers if n not in cfg.tokenizers]
@@ -69,8 +88,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"sections has {unknown}: choose from {list(SECTIONS)}.")
     check_bars(cfg.bars)
+    device = resolve_device(cfg.device)
+    cfg = for_device(cfg, device)
     settings = settings_of(cfg)
-    chosen = selection(cfg)
+    chosen = selection(cfg, device)
     torch.manual_seed(cfg.seed)
     load_before, started = os.getloadavg()[0], time.perf_counter()
     machine = machine_section(cfg, settings)
@@ -88,7 +109,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     results["bars"] = bars(results, cfg.bars)
     results["settings"] = {
-        "sizes": "quick" if cfg.quick else cfg.sizes,
+        "sizes": size_set_name(cfg, device),
         "warmup": settings.warmup,
         "repeats": settings.repeats,
         "min_repeats": settings.min_repeats,

@@ -26,13 +26,21 @@ def case_value(sampling: dict, name: str, case: str, *keys: str) -> float | None
     return value
 
 
-def best_cached(sampling: dict, name: str, case: str, key: str) -> float | None:
-    """The higher `key` of the cached loops (fp32, and bf16 where measured) in a case; each
-    fraction is against the ceiling of the dtype it runs in and the bytes its weights take."""
+def best_cached(
+    sampling: dict,
+    name: str,
+    case: str,
+    key: str,
+    loops: tuple[str, ...] = ("cached", "cached_bf16"),
+) -> float | None:
+    """The higher `key` of the cached `loops` measured in a case (by default fp32, and bf16
+    where measured); each fraction is against the ceiling of the dtype it runs in and the
+    bytes its weights take."""
     entry = sampling.get(name, {}).get("cases", {}).get(case)
     if entry is None:
         return None
-    return max(entry[k][key] for k in ("cached", "cached_bf16") if "skipped" not in entry[k])
+    measured = [entry[k][key] for k in loops if k in entry and "skipped" not in entry[k]]
+    return max(measured, default=None)
 
 
 def slowest_channels_last_encode(results: dict[str, Any]) -> float | None:
@@ -63,6 +71,26 @@ FIGURES = {
     "reference_batch16_matmul_fraction": Figure(
         lambda r: best_cached(sampling_of(r), "reference", "b16", "fraction_of_matmul_ceiling"),
         "reference b16",
+    ),
+    "reference_bf16_graph_batch1_tokens_per_s": Figure(
+        lambda r: case_value(
+            sampling_of(r), "reference", "b1", "cached_bf16_graph", "tokens_per_s", "median"
+        ),
+        "reference b1 bf16 graph (device=cuda)",
+    ),
+    "reference_bf16_graph_over_eager_batch1": Figure(
+        lambda r: case_value(sampling_of(r), "reference", "b1", "bf16_graph_over_eager"),
+        "reference b1 bf16 graph and eager (device=cuda)",
+    ),
+    "reference_batch64_cfg_bf16_matmul_fraction": Figure(
+        lambda r: best_cached(
+            sampling_of(r),
+            "reference",
+            "b64_cfg",
+            "fraction_of_matmul_ceiling",
+            ("cached_bf16", "cached_bf16_graph"),
+        ),
+        "reference b64_cfg bf16",
     ),
     "channels_last_encode": Figure(slowest_channels_last_encode, "tokenizer encode"),
 }

@@ -1,5 +1,8 @@
 """The sampling section: tokens/s of the KV-cached `generate`, the naive full-recompute loop
 and cached bf16, per batch size, with and without classifier-free guidance, and their ratios.
+On a GPU the cached loops are measured eagerly and replaying a CUDA graph per step, in fp32 and
+bf16 (`cached_graph`, `cached_bf16_graph`; each run's capture included); on a CPU there is no
+graph to replay and no graph rows.
 
 A generation's FLOPs and weight bytes come from the model's size (2 per weight per row and
 token, plus 4 * dim per layer for every key a query attends to), checked against
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,11 +34,10 @@ from generator.bench.timing import (
     measure,
     report,
     skipped,
-    stats,
-    timed,
 )
-from generator.cpu_step import few_rows_product
+from generator.cuda_graph_step import GraphCaptureWarning
 from generator.gpt import GPT, GPTConfig
+from generator.precision import bf16_probe
 from generator.sampling import SamplingOptions, generate, generate_naive
 
 
@@ -116,27 +119,13 @@ class Sampler(NamedTuple):
     naive_max_s: float
 
 
-def streamed_linear_seconds(linear: nn.Linear, rows: int, dtype: torch.dtype) -> float:
-    """Median time of `linear` on (rows, in) inputs, cycling through 64 MiB of copies of it
-    so that each call reads its weight from memory, as the sampling loop does; each copy
-    multiplied by the product sampling uses for it at `rows` rows."""
-    device = linear.weight.device
-    count = max(2, 2**26 // (linear.weight.numel() * 4))
-    first = copy.deepcopy(linear).to(dtype)
-    copies = [first] + [copy.deepcopy(first) for _ in range(count - 1)]
-    products = [few_rows_product(layer, rows) for layer in copies]
-    x = torch.randn(rows, linear.in_features, device=device, dtype=dtype)
-    with torch.inference_mode():
-        seconds = [timed(lambda product=product: product(x), device) for product in products * 2]
-    return stats(seconds[count:]).median
-
-
 def bf16_skip_reason(mode: str, model: GPT, rows: int) -> str | None:
     """None where cached bf16 sampling runs at `rows` rows; otherwise why it is skipped.
 
     auto, on a CPU: where a bf16 linear of the loop's shape (rows x dim @ dim x 4 dim) is at
-    least as fast as fp32. CPUs without native bf16 matrix instructions read half the bytes
-    in a matrix-vector product but run products of several rows far slower than fp32."""
+    least as fast as fp32 (generator/precision.py's probe, which the pipeline's precision=auto
+    takes too). CPUs without native bf16 matrix instructions read half the bytes in a
+    matrix-vector product but run products of several rows far slower than fp32."""
     if mode == "false":
         return "bf16=false"
     device = model.head.weight.device
@@ -145,14 +134,13 @@ def bf16_skip_reason(mode: str, model: GPT, rows: int) -> str | None:
     if mode == "true":
         return None
     up = model.blocks[0].mlp.up
-    fp32 = streamed_linear_seconds(up, rows, torch.float32)
-    bf16 = streamed_linear_seconds(up, rows, torch.bfloat16)
-    if bf16 <= fp32:
+    times = bf16_probe(up, rows)
+    if times.bf16_not_slower:
         return None
     return (
         f"a bf16 linear of this loop's shape ({rows} x {up.in_features} @ {up.in_features} x "
-        f"{up.out_features}) takes {bf16 * 1e6:.0f} us against {fp32 * 1e6:.0f} us in fp32 "
-        "on this CPU; bf16=true runs it anyway"
+        f"{up.out_features}) takes {times.bf16 * 1e6:.0f} us against {times.fp32 * 1e6:.0f} us "
+        "in fp32 on this CPU; bf16=true runs it anyway"
     )
 
 
@@ -167,9 +155,11 @@ def sampling_case(
     embedding = F.normalize(torch.randn(batch_size, model.config.clip_dim), dim=-1)
     embedding = embedding.to(settings.device)
 
-    options = SamplingOptions(cfg_scale=cfg_scale, seed=0)
+    eager = SamplingOptions(cfg_scale=cfg_scale, seed=0, cuda_graph=False)
 
-    def run(sample: Callable, gpt: GPT, flops: float, ceiling: float) -> dict[str, Any]:
+    def run(
+        sample: Callable, gpt: GPT, flops: float, ceiling: float, options: SamplingOptions = eager
+    ) -> dict[str, Any]:
         measurement = measure(lambda: sample(gpt, embedding, options), settings)
         weight_bytes = gpt_cost(gpt, rows).weight_bytes  # halved in bf16
         return sampling_report(
@@ -197,13 +187,60 @@ def sampling_case(
     results["cached_over_naive"] = ratio(results["cached"], results["naive"])
     results["bf16_over_fp32_cached"] = ratio(results["cached_bf16"], results["cached"])
     results["bf16_cached_over_naive"] = ratio(results["cached_bf16"], results["naive"])
+    if settings.device.type == "cuda":
+        graphed = dataclasses.replace(eager, cuda_graph=True)
+        results |= graph_cases(
+            results,
+            lambda gpt, ceiling: run(generate, gpt, cost.cached_flops, ceiling, graphed),
+            sampler,
+            ceilings,
+        )
     return results
+
+
+def graph_cases(
+    eager: dict[str, Any],
+    run_graph: Callable[[GPT, float], dict[str, Any]],
+    sampler: Sampler,
+    ceilings: Ceilings,
+) -> dict[str, Any]:
+    """The cached loops again, each step a replayed CUDA graph, and their ratios to eager;
+    skipped where the eager loop was, or where the capture failed (sampling would have gone on
+    eagerly, and the figure would not be the graph's)."""
+    results = {}
+    for eager_key, gpt, ceiling in (
+        ("cached", sampler.model, ceilings.fp32_gflops),
+        ("cached_bf16", sampler.bf16_model, ceilings.bf16_gflops),
+    ):
+        key = f"{eager_key}_graph"
+        if "skipped" in eager[eager_key]:
+            results[key] = eager[eager_key]
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GraphCaptureWarning)
+            try:
+                results[key] = run_graph(gpt, ceiling)
+            except GraphCaptureWarning as failure:
+                results[key] = skipped(f"the CUDA graph capture failed: {failure}")
+    results["graph_over_eager"] = ratio(results["cached_graph"], eager["cached"])
+    results["bf16_graph_over_eager"] = ratio(results["cached_bf16_graph"], eager["cached_bf16"])
+    return results
+
+
+def case_line(figures: dict[str, Any]) -> str:
+    """A case's tokens/s, as its progress line shows them."""
+    names = {"cached": "cached", "naive": "naive", "cached_bf16": "cached bf16"}
+    names |= {"cached_graph": "graph", "cached_bf16_graph": "bf16 graph"}
+    return ", ".join(
+        f"{label} {per_s(figures[key], 'tokens')}" for key, label in names.items() if key in figures
+    )
 
 
 def flop_check(model: GPT, settings: Settings) -> float:
     """FlopCounterMode's count of one cached batch-1 generation over the analytic count."""
     embedding = torch.zeros(1, model.config.clip_dim, device=settings.device)
-    counted = count_flops(lambda: generate(model, embedding, SamplingOptions(seed=0)))
+    options = SamplingOptions(seed=0, cuda_graph=False)  # a replayed graph passes no counter
+    counted = count_flops(lambda: generate(model, embedding, options))
     return counted / gpt_cost(model, 1).cached_flops
 
 
@@ -230,11 +267,7 @@ def sampling_section(
             for scale in cfg.cfg_scales:
                 case = f"b{batch}" + ("" if scale == 1.0 else "_cfg")
                 cases[case] = figures = sampling_case(sampler, batch, scale, settings, ceilings)
-                progress(
-                    f"sampling {name} {case}: cached {per_s(figures['cached'], 'tokens')}, "
-                    f"naive {per_s(figures['naive'], 'tokens')}, "
-                    f"cached bf16 {per_s(figures['cached_bf16'], 'tokens')}"
-                )
+                progress(f"sampling {name} {case}: {case_line(figures)}")
         results[name] = {
             "config": dataclasses.asdict(config),
             "params": model.num_parameters(),

@@ -1,5 +1,6 @@
 """The benchmark's results as markdown tables, printed before the JSON: the machine's ceilings,
-the tokenizer, the encode pipeline, sampling, and the acceptance bars."""
+the tokenizer, the encode pipeline, sampling (and on a GPU its CUDA graph step), and the
+acceptance bars."""
 
 from __future__ import annotations
 
@@ -99,6 +100,38 @@ def sampling_table(sampling: dict[str, Any]) -> list[str]:
     )
 
 
+def graph_row(name: str, key: str, case: dict[str, Any]) -> str:
+    bf16_graph = case["cached_bf16_graph"]
+    share = None if "skipped" in bf16_graph else 100 * bf16_graph["fraction_of_matmul_ceiling"]
+    cells = [
+        median_of(case[loop], "tokens_per_s")
+        for loop in ("cached", "cached_graph", "cached_bf16", "cached_bf16_graph")
+    ]
+    return (
+        f"| {name} | {key} | {fmt(cells[0])} | {fmt(cells[1])} "
+        f"| {fmt(case['graph_over_eager'], 2)} | {fmt(cells[2])} | {fmt(cells[3])} "
+        f"| {fmt(case['bf16_graph_over_eager'], 2)} | {fmt(share)} |"
+    )
+
+
+def graph_table(sampling: dict[str, Any]) -> list[str]:
+    """The cached step eager and as a replayed CUDA graph, where the run measured both."""
+    rows = [
+        graph_row(name, key, case)
+        for name, generator in sampling.items()
+        for key, case in generator["cases"].items()
+        if "cached_graph" in case
+    ]
+    if not rows:
+        return []
+    return table(
+        "| generator | case | fp32 eager tok/s | fp32 graph tok/s | graph/eager "
+        "| bf16 eager tok/s | bf16 graph tok/s | bf16 graph/eager | bf16 graph % of bf16 peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        rows,
+    )
+
+
 def bars_table(bars: dict[str, Any]) -> list[str]:
     rows = []
     for name, entry in bars.items():
@@ -115,5 +148,6 @@ def summary(results: dict[str, Any]) -> str:
         lines += encode_table(results["encode"])
     if results.get("sampling"):
         lines += sampling_table(results["sampling"])
+        lines += graph_table(results["sampling"])
     lines += bars_table(results["bars"])
     return "\n".join(lines)
