@@ -6,24 +6,20 @@ installs Chromium) a missing browser or package fails the run instead, so that n
 is skipped there.
 """
 
-import os
 import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
-import pytest
+import helpers
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 INSTALL = "apt-get install -y chromium, then pip install -e '.[dev]'"
 
 
 def unavailable(reason: str) -> None:
-    """Skip the test on a user's machine; fail it under CI, where every browser test runs."""
-    if os.environ.get("CI"):
-        pytest.fail(f"CI runs every browser test, but {reason} ({INSTALL}).")
-    pytest.skip(f"{reason}: {INSTALL}")
+    helpers.unavailable(reason, INSTALL)
 
 
 def chromium_path() -> str:

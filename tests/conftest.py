@@ -20,3 +20,12 @@ def run_dir(tmp_path_factory) -> Path:
     save_clip(run_dir)
     save_random_generator(run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def openmoji(tmp_path_factory) -> Path:
+    """A real captioned folder: the first 12 OpenMoji drawings of each of its 12 groups, 64 px,
+    OUT/<group>/<hexcode>.png beside a .txt caption (tests/openmoji.py)."""
+    from openmoji import openmoji_folder
+
+    return openmoji_folder(tmp_path_factory.mktemp("openmoji"), image_size=64, max_per_group=12)

@@ -5,6 +5,7 @@ conftest.py holds the fixtures built on these."""
 import hashlib
 import importlib.util
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -48,6 +50,18 @@ from tokenizer.data import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+
+# ---------------------------------------------------------------------------------------------
+# What some tests need from the machine
+
+
+def unavailable(reason: str, install: str) -> None:
+    """Skip a test whose tool is missing on a user's machine; fail it under CI (`CI` set, as
+    .ci/run does after installing every such tool), where no test may skip."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI runs every test, but {reason} ({install}).")
+    pytest.skip(f"{reason}: {install}")
+
 
 # ---------------------------------------------------------------------------------------------
 # Scripts and configs

@@ -26,6 +26,7 @@ USER_ERRORS = (
     TypeError,
     FileNotFoundError,
     FileExistsError,
+    ConnectionError,
     WriteError,
     NonFiniteLossError,
 )
