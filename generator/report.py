@@ -1,8 +1,8 @@
 """RUN/report.html: one self-contained page that shows what a run directory can do.
 
-Sections: the evaluation numbers (RUN/eval.json) as a table, originals beside their
-reconstructions, text-to-image samples under their prompts (with the shapes checker's verdict
-on each where the prompts are shapes captions), variations beside their sources, and the
+Sections: the evaluation numbers (RUN/eval.json) as tables (generator/report_tables.py),
+originals beside their reconstructions, text-to-image samples under their prompts (with the
+shapes checker's verdict on each, for shapes data), variations beside their sources, and the
 training curves of every stage as inline SVG plots. Images are embedded as PNG data, so the
 file can be mailed or copied alone. A stage the run has not reached yet gets a line saying
 which script makes it, instead of its section.
@@ -25,6 +25,7 @@ from PIL import Image
 
 from generator.images import to_uint8
 from generator.pipeline import DEFAULT_OPTIONS, Pipeline
+from generator.report_tables import format_value, sections
 from generator.sampling import SamplingOptions
 from tokenizer.base.files import atomic_write_text
 from tokenizer.base.run_dir import RunDir, weights_file
@@ -80,50 +81,8 @@ def flatten(results: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return found
 
 
-def format_number(value: Any) -> str:
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.4g}"
-    return html.escape(str(value))
-
-
 # ---------------------------------------------------------------------------------------------
 # Sections
-
-
-def _lookup(results: dict[str, Any], path: str) -> Any:
-    for key in path.split("."):
-        if not isinstance(results, dict) or key not in results:
-            return None
-        results = results[key]
-    return results
-
-
-HEADLINES = {  # name -> where in eval.json
-    "checker on reconstructions / originals": "tokenizer.checker_ratio",
-    "checker on reconstructions / originals, seen pairs": "tokenizer.checker_ratio_by_pair.seen",
-    "checker on reconstructions / originals, held-out pairs": (
-        "tokenizer.checker_ratio_by_pair.held_out"
-    ),
-    "CLIP image->caption top-1 (seen)": "clip_retrieval.seen.image_to_text_top1",
-    "CLIP image->caption top-1 (held-out)": "clip_retrieval.held_out.image_to_text_top1",
-    "CLIP image->caption top-1 (held-out, among held-out captions)": (
-        "clip_retrieval.held_out_among_held_out"
-    ),
-    "caption accuracy, one object, CFG": "generator.with_cfg.caption_accuracy.seen.accuracy",
-    "caption accuracy, held-out pairs, CFG": "generator.with_cfg.caption_accuracy.held_out.accuracy",
-    "caption accuracy, two objects, CFG": "generator.with_cfg.caption_accuracy.two_object.accuracy",
-    "variation consistency": "generator.variations.consistency",
-    "variation consistency, seen-pair sources": "generator.variations.consistency_by_source.seen",
-    "variation consistency, held-out sources": (
-        "generator.variations.consistency_by_source.held_out"
-    ),
-}
-
-
-def headline_numbers(results: dict[str, Any]) -> dict[str, str]:
-    """The run's headline numbers from eval.json, as percentages; those it lacks are left out."""
-    found = {name: _lookup(results, path) for name, path in HEADLINES.items()}
-    return {name: f"{100 * value:.1f}%" for name, value in found.items() if value is not None}
 
 
 def read_results(run: RunDir) -> dict[str, Any] | None:
@@ -139,16 +98,21 @@ def table_rows(values: dict[str, Any], name_cell: str) -> str:
     )
 
 
-def headlines_section(results: dict[str, Any] | None) -> str:
+def evaluation_section(results: dict[str, Any] | None) -> str:
+    """One table per part of the evaluation, every number eval.json holds for this data."""
     if results is None:
         return missing("evaluation", "evaluate")
-    return f"<table>{table_rows(headline_numbers(results), 'th')}</table>"
+    tables = [
+        f"<h3>{html.escape(title)}</h3><table>{table_rows(values, 'th')}</table>"
+        for title, values in sections(results).items()
+    ]
+    return "".join(tables)
 
 
 def all_numbers_section(results: dict[str, Any] | None) -> str:
     if results is None:
         return missing("evaluation", "evaluate")
-    numbers = {key: format_number(value) for key, value in flatten(results).items()}
+    numbers = {key: format_value(value) for key, value in flatten(results).items()}
     cells = table_rows(numbers, "td")
     return (
         "<details><summary>every number in eval.json</summary>"
@@ -182,13 +146,19 @@ def verdict(image: torch.Tensor, prompt: str) -> str:
 
 
 def text_to_image_section(
-    pipeline: Pipeline, prompts: Sequence[str], num_images: int, options: SamplingOptions
+    pipeline: Pipeline,
+    prompts: Sequence[str],
+    num_images: int,
+    options: SamplingOptions,
+    use_checker: bool = True,
 ) -> str:
     generated = pipeline.text_to_image(list(prompts), num_images, options)
     rows = []
     for index, prompt in enumerate(prompts):
         images = generated.images[index * num_images : (index + 1) * num_images]
-        figures = "".join(image_tag(image, verdict(image, prompt)) for image in images)
+        figures = "".join(
+            image_tag(image, verdict(image, prompt) if use_checker else "") for image in images
+        )
         rows.append(f"<h3>{html.escape(prompt)}</h3><div class='row'>{figures}</div>")
     return "".join(rows)
 
@@ -234,10 +204,10 @@ def svg_plot(title: str, points: list[tuple[float, float]], width=320, height=18
     return (
         f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
         f'<text x="{pad}" y="16" font-size="12">{html.escape(title)} '
-        f"(last {format_number(ys[-1])})</text>"
+        f"(last {format_value(ys[-1])})</text>"
         f'<polyline fill="none" stroke="#1f6feb" stroke-width="1.5" points="{line}"/>'
-        f'<text x="2" y="{pad + 4}" font-size="10">{format_number(high)}</text>'
-        f'<text x="2" y="{height - pad}" font-size="10">{format_number(low)}</text>'
+        f'<text x="2" y="{pad + 4}" font-size="10">{format_value(high)}</text>'
+        f'<text x="2" y="{height - pad}" font-size="10">{format_value(low)}</text>'
         f'<text x="{width - pad - 30}" y="{height - 8}" font-size="10">step {int(max(xs))}</text>'
         "</svg>"
     )
@@ -266,32 +236,32 @@ def write_report(
     num_sources: int = 4,
     options: SamplingOptions = DEFAULT_OPTIONS,
     device: str | torch.device = "cpu",
+    use_checker: bool = True,
 ) -> Path:
     """Write RUN/report.html from what the run directory holds; `test_images` (B, 3, H, W) in
-    [-1, 1] are the originals to reconstruct, the first `num_sources` also varied, both sampled with `options`."""
+    [-1, 1] are the originals to reconstruct, the first `num_sources` also varied, both sampled
+    with `options`. `use_checker` puts the shapes checker's verdict under each sample (shapes
+    data only)."""
     run_dir, run = Path(run_dir), RunDir(run_dir)
     results = read_results(run)
-    sections = [("Evaluation", headlines_section(results))]
+    parts = [("Evaluation", evaluation_section(results))]
     if weights_file(run.tokenizer).is_file():
         vqgan = VQGAN.from_pretrained(run.tokenizer, device=device).eval()
-        sections.append(
-            ("Originals and reconstructions", reconstructions_section(vqgan, test_images))
-        )
+        parts.append(("Originals and reconstructions", reconstructions_section(vqgan, test_images)))
     else:
-        sections.append(("Originals and reconstructions", missing("tokenizer", "train_tokenizer")))
+        parts.append(("Originals and reconstructions", missing("tokenizer", "train_tokenizer")))
     if weights_file(run.generator).is_file():
         pipeline = Pipeline.from_run_dir(run_dir, device=device)
-        sections.append(
-            ("Text to image", text_to_image_section(pipeline, prompts, num_images, options))
-        )
+        samples = text_to_image_section(pipeline, prompts, num_images, options, use_checker)
+        parts.append(("Text to image", samples))
         sources = test_images[:num_sources]
-        sections.append(("Variations", variations_section(pipeline, sources, num_images, options)))
+        parts.append(("Variations", variations_section(pipeline, sources, num_images, options)))
     else:
         for title in ("Text to image", "Variations"):
-            sections.append((title, missing("generator", "train_generator")))
-    sections.append(("Training curves", curves_section(run)))
-    sections.append(("All evaluation numbers", all_numbers_section(results)))
-    body = "".join(f"<h2>{title}</h2>{content}" for title, content in sections)
+            parts.append((title, missing("generator", "train_generator")))
+    parts.append(("Training curves", curves_section(run)))
+    parts.append(("All evaluation numbers", all_numbers_section(results)))
+    body = "".join(f"<h2>{title}</h2>{content}" for title, content in parts)
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Run report: {html.escape(run_dir.name)}"
         f"</title><style>{STYLE}</style></head><body><h1>Run report</h1>"

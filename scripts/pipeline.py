@@ -1,7 +1,7 @@
 """The whole job in one command: every stage, in order, into one run directory.
 
-    python scripts/pipeline.py [experiment=quickstart] [run_dir=RUN] ['common=["data=folder",...]']
-                               [stop_after=STAGE]
+    python scripts/pipeline.py [experiment=quickstart] [run_dir=RUN] [stop_after=STAGE]
+    python scripts/pipeline.py experiment=pictures images=/path/to/images [run_dir=RUN]
 
 Each stage is the script a user would run by hand (scripts/train_tokenizer.py, ...), started as
 a subprocess with the settings the experiment config gives it, so its progress bar shows as it
@@ -12,6 +12,7 @@ again, every later stage that reads the run directory runs again too. The state 
 
 import csv
 import json
+import math
 import re
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from generator.report import headline_numbers
+from generator.report_tables import headline_numbers
 from generator.shards import MANIFEST_FILE
 from tokenizer.base.cli import run_command
 from tokenizer.base.files import atomic_write_text
@@ -63,8 +64,14 @@ def overrides(settings: dict[str, Any], prefix: str = "") -> list[str]:
 # Headlines: the one number that says how a stage went, from what it printed or wrote
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+NOT_VALIDATED = (
+    "not measured: validation never ran (the data has no validation split, or training ended "
+    "before trainer.val_check_interval steps)"
+)
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
 
 
 def _json_tail(stdout: str) -> dict[str, Any]:
@@ -77,25 +84,33 @@ def _json_tail(stdout: str) -> dict[str, Any]:
 
 
 def _last_logged(run: RunDir, stage: str, key: str) -> float | None:
-    """The last value of `key` in RUN/logs/<stage>/metrics.csv."""
+    """The last finite value of `key` in RUN/logs/<stage>/metrics.csv."""
     path = run.logs(stage) / "metrics.csv"
     if not path.is_file():
         return None
     with path.open(newline="") as file:
-        values = [row[key] for row in csv.DictReader(file) if row.get(key)]
-    return float(values[-1]) if values else None
+        values = [float(row[key]) for row in csv.DictReader(file) if row.get(key)]
+    finite = [value for value in values if math.isfinite(value)]
+    return finite[-1] if finite else None
+
+
+def _logged(run: RunDir, stage: str, key: str, show: Callable[[float], str]) -> str:
+    value = _last_logged(run, stage, key)
+    return NOT_VALIDATED if value is None else show(value)
 
 
 def tokenizer_headline(run: RunDir, stdout: str) -> str:
-    psnr = _last_logged(run, "tokenizer", "val/psnr")
+    psnr = _logged(run, "tokenizer", "val/psnr", lambda value: f"{value:.2f} dB")
     usage = _last_logged(run, "tokenizer", "train/usage")
-    return f"val PSNR {psnr or float('nan'):.2f} dB, codebook usage {_percent(usage)}"
+    usage_text = "not logged" if usage is None else _percent(usage)
+    return f"val PSNR {psnr}, codebook usage {usage_text}"
 
 
 def clip_headline(run: RunDir, stdout: str) -> str:
     retrieval = _json_tail(stdout).get("clip_retrieval")
     if not retrieval:
-        return f"val image->caption top-1 {_percent(_last_logged(run, 'clip', 'val/image_to_text_top1'))}"
+        top1 = _logged(run, "clip", "val/image_to_text_top1", _percent)
+        return f"val image->caption top-1 within a batch {top1}"
     return (
         f"image->caption top-1 {_percent(retrieval['seen']['image_to_text_top1'])} on seen, "
         f"{_percent(retrieval['held_out']['image_to_text_top1'])} on held-out combinations "
@@ -113,7 +128,7 @@ def encode_headline(run: RunDir, stdout: str) -> str:
 
 
 def generator_headline(run: RunDir, stdout: str) -> str:
-    return f"val loss {_last_logged(run, 'generator', 'val/loss') or float('nan'):.3f}"
+    return f"val loss {_logged(run, 'generator', 'val/loss', lambda value: f'{value:.3f}')}"
 
 
 def images_headline(run: RunDir, stdout: str) -> str:
@@ -128,7 +143,8 @@ def last_line_headline(run: RunDir, stdout: str) -> str:
 
 def evaluate_headline(run: RunDir, stdout: str) -> str:
     results = json.loads(run.eval_file.read_text())
-    return "; ".join(f"{name} {value}" for name, value in headline_numbers(results).items())
+    numbers = headline_numbers(results).items()
+    return "; ".join(f"{name} {value}" for name, value in numbers) or "eval.json written"
 
 
 def report_headline(run: RunDir, stdout: str) -> str:
@@ -191,6 +207,12 @@ def _clock(seconds: float) -> str:
 
 
 def run_pipeline(cfg: DictConfig) -> None:
+    unset = [key for key in cfg if OmegaConf.is_missing(cfg, key)]
+    if unset:
+        raise ValueError(
+            f"This experiment needs {', '.join(unset)}: add it to the command, e.g. "
+            f"{unset[0]}=/path/to/your/pictures."
+        )
     run_dir, run = Path(cfg.run_dir), RunDir(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = read_state(run_dir)

@@ -1,39 +1,40 @@
 """Write RUN/report.html: evaluation numbers, reconstructions, samples, variations, curves.
 
-python scripts/report.py run_dir=RUN [data=...] ['prompts=[...]'] [num_images=8] [sampling.seed=0]
+python scripts/report.py run_dir=RUN [data=...] ['prompts=[...]'] [held_out_prompts=0]
+                         [num_images=8] [sampling.seed=0]
+
+The originals and the sources of variations are the first images of the data's `split`;
+`held_out_prompts=N` adds the first N distinct captions of that split to the prompts.
 """
 
 from pathlib import Path
 
 import hydra
-from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from generator.evaluation import first_images
+from generator.held_out import held_out_images, held_out_prompts, run_data_config
 from generator.pipeline import DEFAULT_OPTIONS
 from generator.report import write_report
 from generator.sampling import SamplingOptions
-from tokenizer import VQGAN
 from tokenizer.base.cli import run_command
-from tokenizer.base.run_dir import RunDir
-from tokenizer.data import ImageDataModule
 
 
 def report(cfg: DictConfig) -> None:
-    run_dir = Path(cfg.run_dir)
-    run = RunDir(run_dir)
-    with open_dict(cfg):
-        cfg.data.image_size = VQGAN.from_pretrained(run.tokenizer).config.image_size
-    data = ImageDataModule(instantiate(cfg.data, _convert_="all"))
-    loader = getattr(data, f"{cfg.split}_dataloader")()
+    data_config = run_data_config(cfg.data, cfg.run_dir)
+    prompts = list(cfg.prompts)
+    if cfg.held_out_prompts:
+        prompts += held_out_prompts(data_config, cfg.split, cfg.held_out_prompts)
+    if not prompts:
+        raise ValueError("No prompts for the report: pass prompts=[...] or held_out_prompts=N.")
     path = write_report(
-        run_dir,
-        first_images(loader, cfg.num_originals),
-        list(cfg.prompts),
+        Path(cfg.run_dir),
+        held_out_images(data_config, cfg.split, cfg.num_originals),
+        prompts,
         num_images=cfg.num_images,
         num_sources=cfg.num_sources,
         options=SamplingOptions.from_settings(cfg.sampling, DEFAULT_OPTIONS),
         device=cfg.device,
+        use_checker=data_config.source == "shapes",
     )
     print(f"Report written to {path}")
 

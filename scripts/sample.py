@@ -1,6 +1,10 @@
 """Text to images with a trained run: a PNG grid plus the single images, paths printed.
 
 python scripts/sample.py run_dir=RUN prompt="a red circle" num_images=8 [seed=0] [cfg_scale=3]
+python scripts/sample.py run_dir=RUN data=folder data.path=DIR held_out_prompts=5
+
+The second prompts with the first 5 distinct captions of the folder's test split: what the run
+makes of captions it never trained on.
 """
 
 import re
@@ -11,6 +15,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from generator.held_out import held_out_prompts, run_data_config
 from generator.images import grid_names, output_dir, save_images
 from generator.pipeline import DEFAULT_OPTIONS, Pipeline, resolve_device
 from generator.sampling import SamplingOptions
@@ -38,8 +43,14 @@ def escape_for_quotes(match: re.Match) -> str:
 
 def prompts_of(cfg: DictConfig) -> list[str]:
     prompts = [*([] if cfg.prompt is None else [str(cfg.prompt)]), *map(str, cfg.prompts)]
+    if cfg.held_out_prompts:
+        data_config = run_data_config(cfg.get("data"), cfg.run_dir)
+        prompts += held_out_prompts(data_config, cfg.split, cfg.held_out_prompts)
     if not prompts:
-        raise ValueError('No prompt given: pass prompt="a red circle" (or prompts=[...]).')
+        raise ValueError(
+            'No prompt given: pass prompt="a red circle" (or prompts=[...], or '
+            "held_out_prompts=N with data=...)."
+        )
     return prompts
 
 

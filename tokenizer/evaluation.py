@@ -71,11 +71,12 @@ def evaluate_tokenizer(
     vqgan: VQGAN,
     batches: Iterable[Sample],
     *,
-    max_images: int,
+    max_images: int | None = None,
     use_checker: bool,
     frechet_features: FeatureExtractor | None = None,
 ) -> TokenizerMetrics:
-    """Encode and decode up to `max_images` images and measure what comes back."""
+    """Encode and decode up to `max_images` images (None: every batch) and measure what comes
+    back."""
     device = next(vqgan.parameters()).device
     vqgan.eval()
     psnr = PeakSignalNoiseRatio(data_range=1.0).to(device)
@@ -88,7 +89,8 @@ def evaluate_tokenizer(
     all_codes, seen = [], 0
     right_originals, right_reconstructions = Counter(), Counter()  # by pair group
     for batch in batches:
-        images = batch.image[: max_images - seen].to(device)
+        remaining = None if max_images is None else max_images - seen
+        images = batch.image[:remaining].to(device)
         codes = vqgan.encode(images)
         reconstructions = vqgan.decode(codes)
         originals, decoded = to_unit_range(images), to_unit_range(reconstructions)
@@ -111,7 +113,7 @@ def evaluate_tokenizer(
                 right_reconstructions[group] += shapes.scene_matches(reconstruction, caption)
         all_codes.append(codes.flatten().cpu())
         seen += images.shape[0]
-        if seen >= max_images:
+        if max_images is not None and seen >= max_images:
             break
     if seen == 0:
         raise ValueError("the evaluation split yielded no images; check the data config.")

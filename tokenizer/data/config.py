@@ -2,6 +2,8 @@
 conf/data/*.yaml, and `Sample(image, caption)` with the image as (3, H, W) float32 in [-1, 1].
 """
 
+import os
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,6 +22,31 @@ class Sample(NamedTuple):
     caption: str  # "" where there is none
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def fitting_workers(requested: int | None) -> int:
+    """Loader processes for this machine: None gives one fewer than the cores (the training
+    process needs one), at most 4; more than the cores are cut to the cores, saying so."""
+    cores = usable_cores()
+    if requested is None:
+        return min(4, cores - 1)
+    if requested > cores:
+        warnings.warn(
+            f"data.num_workers={requested} is more than the {cores} CPU cores this process may "
+            f"use, where loaders only slow training down: using {cores}. Leave "
+            "data.num_workers unset (null) to fit it to the machine.",
+            stacklevel=3,
+        )
+        return cores
+    return requested
+
+
 @checked_config("data")
 @dataclass
 class DataConfig:
@@ -29,7 +56,7 @@ class DataConfig:
     path: str = ""  # folder: its root; webdataset: a .tar, a folder of .tar, or "a-{000..009}.tar"
     image_size: int = 32
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int | None = None  # loader processes; None: fit them to the CPU cores
     random_flip: bool = False  # mirror train images left-right (this swaps "left" and "right")
     random_crop: bool = False  # crop train images at random along the longer side, not centred
     # shapes
@@ -63,8 +90,9 @@ class DataConfig:
             raise ValueError(f"data.path is empty: set it to the {self.source} data to read.")
         if self.image_size < 8:
             raise ValueError(f"data.image_size is {self.image_size}: use at least 8 px.")
-        if self.batch_size < 1 or self.num_workers < 0:
+        if self.batch_size < 1 or (self.num_workers is not None and self.num_workers < 0):
             raise ValueError("data.batch_size must be at least 1 and data.num_workers at least 0.")
+        self.num_workers = fitting_workers(self.num_workers)
         fractions = (self.val_fraction, self.test_fraction)
         if min(fractions) < 0 or sum(fractions) >= 1:
             raise ValueError(
