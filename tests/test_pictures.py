@@ -193,6 +193,20 @@ def test_headlines_say_why_a_stage_has_no_validation_number(tmp_path):
     assert generator_headline(run, "") == "val loss 2.500"
 
 
+@pytest.mark.parametrize("source", ["folder", "webdataset"])
+def test_every_stage_of_the_pictures_experiment_composes_for_each_source(source):
+    """Each stage's arguments, as the pipeline passes them, are overrides its script accepts:
+    no shapes-only key reaches a folder or shards."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from pipeline import stage_arguments
+
+    config = compose_config("pipeline", ["experiment=pictures", "images=/x", f"source={source}"])
+    for name, stage in config.stages.items():
+        script_config = compose_config(stage.script, stage_arguments(config, stage))
+        if stage.get("data", False):
+            assert script_config.data.source == source and script_config.data.path == "/x", name
+
+
 def test_the_pictures_experiment_asks_for_the_pictures(tmp_path):
     config = compose_config("pipeline", ["experiment=pictures", f"run_dir={tmp_path}"])
     with pytest.raises(ValueError, match="This experiment needs images: add it to the command"):

@@ -59,6 +59,23 @@ def test_every_readme_command_composes(command):
     assert cfg.run_dir == "runs/photos"
 
 
+PICTURES_COMMANDS = script_commands(readme_section("## Your own pictures"))
+
+
+def test_the_own_pictures_section_fetches_trains_and_scores_a_whole_folder():
+    scripts = [command.script for command in PICTURES_COMMANDS]
+    assert {"fetch_openmoji", "train_tokenizer", "evaluate"} <= set(scripts)
+    assert any("split=all" in command.overrides for command in PICTURES_COMMANDS)
+
+
+@pytest.mark.parametrize(
+    "command", PICTURES_COMMANDS, ids=[f"{c.script}-{i}" for i, c in enumerate(PICTURES_COMMANDS)]
+)
+def test_every_own_pictures_command_composes(command):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        compose(config_name=command.script, overrides=command.overrides)
+
+
 @pytest.mark.slow
 def test_the_readme_preset_table_is_what_the_script_prints():
     script = ROOT / "scripts" / "presets_table.py"
