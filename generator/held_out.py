@@ -16,24 +16,24 @@ import torch
 from hydra.utils import instantiate
 
 from generator.evaluation import caption_prompts, first_images
-from tokenizer.base.configs import load_config
 from tokenizer.base.run_dir import RunDir, config_file
 from tokenizer.data import DataConfig, ImageDataModule, build_dataset, make_loader
 from tokenizer.data.skipping import ReportingDataLoader
-from tokenizer.vqgan import CONFIG_KIND, VQGANConfig
+from tokenizer.vqgan import VQGANConfig
 
 ALL = "all"  # the split name for every image of data.path, unshuffled and unaugmented
 
 
 def tokenizer_image_size(run_dir: str | Path) -> int:
     """The resolution the run's tokenizer works at, from its config alone."""
-    path = config_file(RunDir(run_dir).tokenizer)
+    tokenizer = RunDir(run_dir).tokenizer
+    path = config_file(tokenizer)
     if not path.is_file():
         raise FileNotFoundError(
             f"No tokenizer in {run_dir} (looked for {path}): train one with "
             "scripts/train_tokenizer.py, or point run_dir at a trained run."
         )
-    return load_config(VQGANConfig, path, kind=CONFIG_KIND).image_size
+    return VQGANConfig.load(tokenizer).image_size
 
 
 def run_data_config(settings: Any, run_dir: str | Path) -> DataConfig:

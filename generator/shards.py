@@ -46,10 +46,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import safetensors.numpy
 
-from tokenizer.base.configs import config_to_dict, dataclass_from_dict, load_config
+from tokenizer.base.configs import config_to_dict, dataclass_from_dict
 from tokenizer.base.files import atomic_write_bytes, atomic_write_text
 from tokenizer.base.run_dir import config_file, weights_file
-from tokenizer.vqgan import CONFIG_KIND as TOKENIZER_CONFIG_KIND
 from tokenizer.vqgan import VQGANConfig
 
 FORMAT_VERSION = 1
@@ -122,7 +121,7 @@ def tokenizer_differences(
     FileNotFoundError where there is none: `what_needs_it` says what cannot do without it."""
     if not weights_file(tokenizer_dir).is_file():
         raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}: {what_needs_it}")
-    config = load_config(VQGANConfig, config_file(tokenizer_dir), kind=TOKENIZER_CONFIG_KIND)
+    config = VQGANConfig.load(tokenizer_dir)
     differences = []
     if config.quantizer.num_codes != expected.num_codes:
         differences.append(

@@ -72,6 +72,11 @@ class VQGANConfig:
         side = self.image_size // self.downsample_factor
         return side, side
 
+    @classmethod
+    def load(cls, directory: str | Path) -> VQGANConfig:
+        """The config of the tokenizer exported into `directory`, read without its weights."""
+        return load_config(cls, Path(directory) / CONFIG_FILE, kind=CONFIG_KIND)
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """32 groups where there are channels enough, and never fewer than 4 channels a group:
@@ -301,7 +306,7 @@ class VQGAN(nn.Module):
                 f"No tokenizer weights at {weights}: train one with scripts/train_tokenizer.py "
                 f"or point to the folder that holds {WEIGHTS_FILE} and {CONFIG_FILE}."
             )
-        config = load_config(VQGANConfig, directory / CONFIG_FILE, kind=CONFIG_KIND)
+        config = VQGANConfig.load(directory)
         fix = "re-export the tokenizer with scripts/train_tokenizer.py."
         model = load_checked_model(lambda: cls(config), weights, directory / CONFIG_FILE, fix)
         return model.to(device).eval()
