@@ -11,17 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import compose_config
+from omegaconf import OmegaConf
 
 from generator.bench import for_device, selection, size_set_name
-from generator.bench.bars import FIGURES
+from generator.bench.bars import FIGURES, fusion_over_pooled
 from generator.bench.machine import Ceilings
 from generator.bench.sampling import Sampler, graph_cases
-from generator.bench.summary import graph_table
+from generator.bench.summary import fusion_table, graph_table
 from generator.cuda_graph_step import GraphCaptureWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ("encode_contiguous", "encode_channels_last", "decode_contiguous", "decode_channels_last")
-SECTION_WORDS = ("tokenizer", "encode", "sampling")
+SECTION_WORDS = ("tokenizer", "encode", "sampling", "fusion")
 BARS = (
     "cached_over_naive_256_tokens",
     "cached_over_naive_64_tokens",
@@ -30,9 +31,11 @@ BARS = (
     "reference_bf16_graph_batch1_tokens_per_s",
     "reference_bf16_graph_over_eager_batch1",
     "reference_batch64_cfg_bf16_matmul_fraction",
+    "reference_early_over_pooled",
     "channels_last_encode",
 )
 GRAPH_BARS = BARS[4:7]
+FUSIONS = ("pooled", "early", "resampler", "deep")
 CEILINGS = Ceilings(fp32_gflops=1.0, bf16_gflops=2.0, copy_gbps=3.0)
 
 
@@ -76,7 +79,15 @@ def assert_measured(entry: dict, unit: str) -> None:
 def test_the_json_printed_last_is_the_one_written(bench):
     printed, written, _ = bench
     assert printed == written
-    assert set(written) == {"machine", "tokenizer", "encode", "sampling", "bars", "settings"}
+    assert set(written) == {
+        "machine",
+        "tokenizer",
+        "encode",
+        "sampling",
+        "fusion",
+        "bars",
+        "settings",
+    }
 
 
 def test_each_measurement_is_a_progress_line_as_it_ends(bench):
@@ -84,10 +95,11 @@ def test_each_measurement_is_a_progress_line_as_it_ends(bench):
     written, stderr = bench[1], bench[2]
     lines = [line for line in stderr.splitlines() if line.split(" ")[0] in SECTION_WORDS]
     tiny = written["sampling"]["tiny_64"]["cases"]["b1"]["cached"]["tokens_per_s"]["median"]
-    assert all(
-        line.startswith(("tokenizer tiny:", "encode tiny:", "sampling tiny_64 b")) for line in lines
-    )
-    assert len(lines) == 1 + 1 + 4  # a tokenizer, a pipeline, batches 1 and 2 with and without CFG
+    starts = ("tokenizer tiny:", "encode tiny:", "sampling tiny_64 b", "fusion tiny_64 ")
+    assert all(line.startswith(starts) for line in lines)
+    # a tokenizer, a pipeline, batches 1 and 2 with and without CFG, 4 fusions at batch 1 with
+    # and without CFG
+    assert len(lines) == 1 + 1 + 4 + 4 * 2
     assert f"sampling tiny_64 b1: cached {tiny:,.1f} tokens/s" in stderr
 
 
@@ -128,6 +140,25 @@ def test_sampling_cases_and_ratios(bench):
     assert generator["cases"]["b1_cfg"]["rows"] == 2
     for case in generator["cases"].values():  # a CPU replays no CUDA graph
         assert not {"cached_graph", "cached_bf16_graph", "graph_over_eager"} & set(case)
+
+
+def test_each_fusion_is_measured_against_the_pooled_prefix(bench):
+    """Every fusion samples the quick generator, cached, with a ratio to the pooled prefix's
+    tokens/s from the same run; the fusions that read token features take the bench's CLIP
+    token shape (early fusion: one prefix token per CLIP token)."""
+    fusions = bench[1]["fusion"]["tiny_64"]
+    assert tuple(fusions) == FUSIONS
+    length = OmegaConf.load(ROOT / "conf" / "bench.yaml").clip_tokens[0]
+    assert fusions["early"]["prefix_length"] == fusions["pooled"]["prefix_length"] + length
+    assert fusions["deep"]["params"] > fusions["pooled"]["params"]
+    for figures in fusions.values():
+        assert set(figures["cases"]) == {"b1", "b1_cfg"}
+        for case in figures["cases"].values():
+            assert_measured(case["cached"], "tokens")
+    for case, entry in fusions["early"]["cases"].items():
+        pooled = fusions["pooled"]["cases"][case]["cached"]["tokens_per_s"]["median"]
+        early = entry["cached"]["tokens_per_s"]["median"]
+        assert entry["over_pooled"] == pytest.approx(early / pooled)
 
 
 def test_every_bar_is_reported(bench):
@@ -200,3 +231,22 @@ def test_graph_rows_make_a_table_and_meet_the_gpu_bars():
     figures = [FIGURES[name].read(results) for name in GRAPH_BARS]
     assert figures == [3600.0, 3.0, 0.35]
     assert graph_table({"tiny_64": {"cases": {"b1": {"cached": case["cached"]}}}}) == []
+
+
+def test_the_fusion_bar_reads_the_slowest_case_and_the_table_shows_each_ratio():
+    def figures(tokens_per_s: dict[str, float], over_pooled: dict[str, float | None]) -> dict:
+        cases = {
+            case: {"cached": {"tokens_per_s": {"median": rate}}, "over_pooled": over_pooled[case]}
+            for case, rate in tokens_per_s.items()
+        }
+        return {"params": 10, "prefix_length": 4, "cases": cases}
+
+    pooled = figures({"b1": 100.0, "b8": 400.0}, {"b1": 1.0, "b8": 1.0})
+    early = figures({"b1": 90.0, "b8": 300.0}, {"b1": 0.9, "b8": 0.75})
+    results = {"fusion": {"reference": {"pooled": pooled, "early": early}}}
+    assert fusion_over_pooled(results, "reference", "early") == 0.75
+    assert fusion_over_pooled(results, "shapes", "early") is None  # not measured
+    unmeasured = {"fusion": {"reference": {"early": figures({"b1": 90.0}, {"b1": None})}}}
+    assert fusion_over_pooled(unmeasured, "reference", "early") is None
+    rows = fusion_table(results["fusion"])
+    assert "| reference | early | 10 | 4 | 90.0 (0.90x) | 300.0 (0.75x) |" in rows

@@ -50,7 +50,8 @@ TINY = [
     *stage_settings("encode", shard_size=32, data__num_train=96),
     *stage_settings(
         "generator",
-        generator="tiny",
+        generator__dim=64,  # the quickstart's fusion at the tiny preset's size
+        generator__num_layers=2,
         trainer__max_steps=6,
         data__batch_size=8,
         data__num_workers=0,
@@ -101,6 +102,8 @@ def test_every_stage_runs_and_reports_its_time_and_headline(finished_run):
     ):
         assert (run_dir / output).is_file(), output
     assert str(run_dir / "report.html") in result.stdout
+    generator = json.loads((run_dir / "generator" / "config.json").read_text())
+    assert generator["fusion"] == "early" and generator["num_condition_tokens"] > 0
 
 
 @pytest.mark.slow

@@ -9,6 +9,8 @@ Sections, all measured in one run:
   sampling   tokens/s of the KV-cached `generate`, the naive full-recompute loop and cached
              bf16, per batch size, with and without classifier-free guidance; their ratios. On
              a GPU also the cached loops replaying a CUDA graph per step, in fp32 and bf16
+  fusion     cached tokens/s with each way the prompt reaches the GPT (pooled prefix, early
+             fusion, resampler, deep fusion) at one size, and each over the pooled prefix's
 
 On a GPU (device=cuda) the settings under `cuda` in conf/bench.yaml replace the top-level ones
 (fewer repeats, a lower naive_max_s: never fewer tokens), and sizes=auto picks the `gpu` sizes.
@@ -30,13 +32,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from generator.bench.bars import bars, check_bars
 from generator.bench.encode import encode_section
+from generator.bench.fusion import fusion_section
 from generator.bench.machine import ceilings_of, machine_section
 from generator.bench.sampling import sampling_section
 from generator.bench.timing import Settings
 from generator.bench.tokenizer import tokenizer_section
 from generator.pipeline import resolve_device
 
-SECTIONS = ("tokenizer", "encode", "sampling")
+SECTIONS = ("tokenizer", "encode", "sampling", "fusion")
 
 
 def for_device(cfg: DictConfig, device: torch.device) -> DictConfig:
@@ -62,7 +65,7 @@ def selection(cfg: DictConfig, device: torch.device) -> DictConfig:
     unknown = (
         [n for n in chosen.tokenizers if n not in cfg.tokenizers]
         + [n for n in chosen.pipelines if n not in cfg.pipelines]
-        + [n for n in chosen.generators if n not in cfg.generators]
+        + [n for n in [*chosen.generators, *chosen.fusion_generators] if n not in cfg.generators]
     )
     if unknown:
         raise ValueError(
@@ -106,6 +109,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if "sampling" in cfg.sections:
         results["sampling"] = sampling_section(
             cfg, list(chosen.generators), list(chosen.batch_sizes), settings, ceilings
+        )
+    if "fusion" in cfg.sections:
+        results["fusion"] = fusion_section(
+            cfg, list(chosen.fusion_generators), list(chosen.fusion_batch_sizes), settings, ceilings
         )
     results["bars"] = bars(results, cfg.bars)
     results["settings"] = {

@@ -49,6 +49,13 @@ def slowest_channels_last_encode(results: dict[str, Any]) -> float | None:
     return min(ratios) if ratios else None
 
 
+def fusion_over_pooled(results: dict[str, Any], name: str, fusion: str) -> float | None:
+    """The lowest of a fusion's tokens/s over the pooled prefix's, across the measured cases."""
+    cases = results.get("fusion", {}).get(name, {}).get(fusion, {}).get("cases", {})
+    ratios = [entry["over_pooled"] for entry in cases.values()]
+    return None if not ratios or None in ratios else min(ratios)
+
+
 def sampling_of(results: dict[str, Any]) -> dict[str, Any]:
     return results.get("sampling", {})
 
@@ -91,6 +98,10 @@ FIGURES = {
             ("cached_bf16", "cached_bf16_graph"),
         ),
         "reference b64_cfg bf16",
+    ),
+    "reference_early_over_pooled": Figure(
+        lambda r: fusion_over_pooled(r, "reference", "early"),
+        "reference, pooled and early fusion (sections=[fusion])",
     ),
     "channels_last_encode": Figure(slowest_channels_last_encode, "tokenizer encode"),
 }

@@ -107,6 +107,7 @@ def ratio(numerator: dict[str, Any], denominator: dict[str, Any]) -> float | Non
 def generator_config(node: DictConfig, clip_dim: int) -> GPTConfig:
     fields = OmegaConf.to_container(node, resolve=True)
     preset = fields.pop("preset")
+    clip_dim = fields.pop("clip_dim", clip_dim)  # an entry may read a CLIP of its own width
     return GPTConfig.preset(preset, clip_dim=clip_dim, **fields)
 
 

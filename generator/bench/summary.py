@@ -1,6 +1,6 @@
 """The benchmark's results as markdown tables, printed before the JSON: the machine's ceilings,
-the tokenizer, the encode pipeline, sampling (and on a GPU its CUDA graph step), and the
-acceptance bars."""
+the tokenizer, the encode pipeline, sampling (and on a GPU its CUDA graph step), the fusions,
+and the acceptance bars."""
 
 from __future__ import annotations
 
@@ -132,6 +132,37 @@ def graph_table(sampling: dict[str, Any]) -> list[str]:
     )
 
 
+def fusion_row(name: str, fusion: str, figures: dict[str, Any]) -> str:
+    cells = [
+        f"{fmt(median_of(case['cached'], 'tokens_per_s'))} ({fmt(case['over_pooled'], 2)}x)"
+        for case in figures["cases"].values()
+    ]
+    return (
+        f"| {name} | {fusion} | {figures['params']:,} | {figures['prefix_length']} | "
+        + " | ".join(cells)
+        + " |"
+    )
+
+
+def fusion_table(fusion: dict[str, Any]) -> list[str]:
+    """Cached tok/s of each fusion and, in brackets, over the pooled prefix's."""
+    generators = [entry for entry in fusion.values() if entry]
+    if not generators:
+        return []
+    cases = list(next(iter(generators[0].values()))["cases"])
+    return table(
+        "| generator | fusion | parameters | prefix tokens | "
+        + " | ".join(f"{case} tok/s (over pooled)" for case in cases)
+        + " |",
+        "|---|---|---:|---:|" + "---:|" * len(cases),
+        [
+            fusion_row(name, fusion_name, figures)
+            for name, per_fusion in fusion.items()
+            for fusion_name, figures in per_fusion.items()
+        ],
+    )
+
+
 def bars_table(bars: dict[str, Any]) -> list[str]:
     rows = []
     for name, entry in bars.items():
@@ -149,5 +180,7 @@ def summary(results: dict[str, Any]) -> str:
     if results.get("sampling"):
         lines += sampling_table(results["sampling"])
         lines += graph_table(results["sampling"])
+    if results.get("fusion"):
+        lines += fusion_table(results["fusion"])
     lines += bars_table(results["bars"])
     return "\n".join(lines)

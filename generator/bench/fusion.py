@@ -1,0 +1,116 @@
+"""The fusion section: cached sampling with each way the prompt reaches the GPT
+(generator/conditioning/fusion.py) at one model size, as tokens/s and as a ratio to the pooled
+prefix's, measured in the same run.
+
+The fusions other than pooled read CLIP's token features: random ones of `clip_tokens`' shape
+(ViT-B-32's text tower: 77 tokens of width 512), every token real, so early fusion's prefix and
+deep fusion's cross-attention are as long as they get. A generator entry may set its own
+`num_condition_tokens` and `token_dim` (the shapes generator reads its small CLIP's 24 x 64).
+FLOPs are FlopCounterMode's count of one batch-1 generation times the rows; the weights read per
+step are the blocks', deep fusion's cross-attention blocks', the final norm's and the head's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from generator.bench.flops import count_flops
+from generator.bench.machine import Ceilings
+from generator.bench.progress import per_s, progress
+from generator.bench.sampling import generator_config, ratio, sampling_report
+from generator.bench.timing import Settings, measure
+from generator.conditioning import Condition
+from generator.gpt import GPT
+from generator.sampling import SamplingOptions, generate
+
+STEP_WEIGHTS = ("blocks", "cross_blocks", "norm", "head")  # what every sampling step reads
+
+
+def fusion_model(cfg: DictConfig, name: str, fusion: str, device: torch.device) -> GPT:
+    """Generator `name` of conf/bench.yaml with `fusion`, random weights from the bench's seed."""
+    entry = OmegaConf.to_container(cfg.generators[name], resolve=True)
+    length, width = cfg.clip_tokens
+    entry.setdefault("num_condition_tokens", length)
+    entry.setdefault("token_dim", width)
+    config = generator_config(OmegaConf.create({**entry, "fusion": fusion}), cfg.clip_dim)
+    torch.manual_seed(cfg.seed)
+    return GPT(config).to(device).eval()
+
+
+def random_condition(model: GPT, batch_size: int, device: torch.device) -> Condition:
+    """A pooled unit vector per row and, where the fusion reads them, token features."""
+    config = model.config
+    pooled = F.normalize(torch.randn(batch_size, config.clip_dim, device=device), dim=-1)
+    if config.fusion == "pooled":
+        return Condition(pooled)
+    shape = (batch_size, config.num_condition_tokens)
+    tokens = torch.randn(*shape, config.token_dim, device=device)
+    return Condition(pooled, tokens, torch.ones(shape, dtype=torch.bool, device=device))
+
+
+def step_weight_bytes(model: GPT) -> int:
+    return sum(
+        p.numel() * p.element_size()
+        for name, p in model.named_parameters()
+        if name.startswith(STEP_WEIGHTS)
+    )
+
+
+def fusion_case(
+    model: GPT, batch_size: int, cfg_scale: float, settings: Settings, ceilings: Ceilings
+) -> dict[str, Any]:
+    """Cached fp32 sampling of one batch size and guidance setting."""
+    options = SamplingOptions(cfg_scale=cfg_scale, seed=0, cuda_graph=False)
+    rows = batch_size * (2 if cfg_scale != 1.0 else 1)
+    condition = random_condition(model, batch_size, settings.device)
+    single = random_condition(model, 1, settings.device)
+    flops = rows * count_flops(lambda: generate(model, single, SamplingOptions(seed=0)))
+    measurement = measure(lambda: generate(model, condition, options), settings)
+    codes = model.config.num_codes
+    figures = sampling_report(
+        measurement,
+        batch_size * codes,
+        flops,
+        step_weight_bytes(model),
+        codes,
+        ceilings.fp32_gflops,
+        ceilings.copy_gbps,
+    )
+    return {"batch_size": batch_size, "cfg_scale": cfg_scale, "rows": rows, "cached": figures}
+
+
+def fusion_section(
+    cfg: DictConfig,
+    names: list[str],
+    batch_sizes: list[int],
+    settings: Settings,
+    ceilings: Ceilings,
+) -> dict[str, Any]:
+    """For each generator, each fusion's cases and their tokens/s over the pooled prefix's."""
+    results: dict[str, Any] = {}
+    for name in names:
+        results[name] = per_fusion = {}
+        for fusion in cfg.fusions:
+            model = fusion_model(cfg, name, fusion, settings.device)
+            cases = {}
+            for batch in batch_sizes:
+                for scale in cfg.cfg_scales:
+                    case = f"b{batch}" + ("" if scale == 1.0 else "_cfg")
+                    cases[case] = fusion_case(model, batch, scale, settings, ceilings)
+                    tokens = per_s(cases[case]["cached"], "tokens")
+                    progress(f"fusion {name} {fusion} {case}: cached {tokens}")
+            per_fusion[fusion] = {
+                "params": model.num_parameters(),
+                "prefix_length": model.config.prefix_length,
+                "cases": cases,
+            }
+        pooled = per_fusion.get("pooled")
+        for figures in per_fusion.values():
+            for case, entry in figures["cases"].items():
+                base = pooled["cases"][case]["cached"] if pooled else None
+                entry["over_pooled"] = ratio(entry["cached"], base) if base else None
+    return results
