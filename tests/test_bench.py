@@ -98,8 +98,8 @@ def test_each_measurement_is_a_progress_line_as_it_ends(bench):
     starts = ("tokenizer tiny:", "encode tiny:", "sampling tiny_64 b", "fusion tiny_64 ")
     assert all(line.startswith(starts) for line in lines)
     # a tokenizer, a pipeline, batches 1 and 2 with and without CFG, 4 fusions at batch 1 with
-    # and without CFG
-    assert len(lines) == 1 + 1 + 4 + 4 * 2
+    # and without CFG and their training steps
+    assert len(lines) == 1 + 1 + 4 + 4 * (2 + 1)
     assert f"sampling tiny_64 b1: cached {tiny:,.1f} tokens/s" in stderr
 
 
@@ -155,6 +155,10 @@ def test_each_fusion_is_measured_against_the_pooled_prefix(bench):
         assert set(figures["cases"]) == {"b1", "b1_cfg"}
         for case in figures["cases"].values():
             assert_measured(case["cached"], "tokens")
+    for figures in fusions.values():  # tiny_64 is in fusion_train_generators
+        assert_measured(figures["train_step"], "images")
+        assert figures["train_step_over_pooled"] > 0
+    assert fusions["pooled"]["train_step_over_pooled"] == 1.0
     for case, entry in fusions["early"]["cases"].items():
         pooled = fusions["pooled"]["cases"][case]["cached"]["tokens_per_s"]["median"]
         early = entry["cached"]["tokens_per_s"]["median"]
@@ -249,4 +253,4 @@ def test_the_fusion_bar_reads_the_slowest_case_and_the_table_shows_each_ratio():
     unmeasured = {"fusion": {"reference": {"early": figures({"b1": 90.0}, {"b1": None})}}}
     assert fusion_over_pooled(unmeasured, "reference", "early") is None
     rows = fusion_table(results["fusion"])
-    assert "| reference | early | 10 | 4 | 90.0 (0.90x) | 300.0 (0.75x) |" in rows
+    assert "| reference | early | 10 | 4 | 90.0 (0.90x) | 300.0 (0.75x) | - |" in rows

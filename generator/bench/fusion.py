@@ -6,8 +6,10 @@ The fusions other than pooled read CLIP's token features: random ones of `clip_t
 (ViT-B-32's text tower: 77 tokens of width 512), every token real, so early fusion's prefix and
 deep fusion's cross-attention are as long as they get. A generator entry may set its own
 `num_condition_tokens` and `token_dim` (the shapes generator reads its small CLIP's 24 x 64).
-FLOPs are FlopCounterMode's count of one batch-1 generation times the rows; the weights read per
-step are the blocks', deep fusion's cross-attention blocks', the final norm's and the head's.
+FLOPs are FlopCounterMode's count of the first warm-up run; the weights read per sampling step
+are the blocks', deep fusion's cross-attention blocks', the final norm's and the head's. For the
+generators named in `fusion_train_generators` one training step (forward, backward, AdamW) is
+timed too, at `fusion_train_batch_size` images.
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from generator.bench.flops import count_flops
 from generator.bench.machine import Ceilings
 from generator.bench.progress import per_s, progress
 from generator.bench.sampling import generator_config, ratio, sampling_report
-from generator.bench.timing import Settings, measure
+from generator.bench.timing import Settings, measure, report
 from generator.conditioning import Condition
 from generator.gpt import GPT
 from generator.sampling import SamplingOptions, generate
@@ -67,20 +68,40 @@ def fusion_case(
     options = SamplingOptions(cfg_scale=cfg_scale, seed=0, cuda_graph=False)
     rows = batch_size * (2 if cfg_scale != 1.0 else 1)
     condition = random_condition(model, batch_size, settings.device)
-    single = random_condition(model, 1, settings.device)
-    flops = rows * count_flops(lambda: generate(model, single, SamplingOptions(seed=0)))
-    measurement = measure(lambda: generate(model, condition, options), settings)
+    measurement = measure(lambda: generate(model, condition, options), settings, with_flops=True)
     codes = model.config.num_codes
     figures = sampling_report(
         measurement,
         batch_size * codes,
-        flops,
+        measurement.flops,
         step_weight_bytes(model),
         codes,
         ceilings.fp32_gflops,
         ceilings.copy_gbps,
     )
     return {"batch_size": batch_size, "cfg_scale": cfg_scale, "rows": rows, "cached": figures}
+
+
+def train_step_case(
+    model: GPT, batch_size: int, settings: Settings, ceilings: Ceilings
+) -> dict[str, Any]:
+    """One training step of random codes and conditions: images/s."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    shape = (batch_size, model.config.num_codes)
+    codes = torch.randint(model.config.vocab_size, shape, device=settings.device)
+    condition = random_condition(model, batch_size, settings.device)
+
+    def step() -> None:
+        logits = model(codes, condition)  # (B, T, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    measurement = measure(step, settings, with_flops=True)
+    model.eval()
+    return report(measurement, batch_size, "images", measurement.flops, ceilings.fp32_gflops)
 
 
 def fusion_section(
@@ -108,9 +129,24 @@ def fusion_section(
                 "prefix_length": model.config.prefix_length,
                 "cases": cases,
             }
-        pooled = per_fusion.get("pooled")
-        for figures in per_fusion.values():
-            for case, entry in figures["cases"].items():
-                base = pooled["cases"][case]["cached"] if pooled else None
-                entry["over_pooled"] = ratio(entry["cached"], base) if base else None
+            if name in cfg.fusion_train_generators:
+                batch = cfg.fusion_train_batch_size
+                step = train_step_case(model, batch, settings, ceilings)
+                per_fusion[fusion]["train_step"] = step
+                progress(f"fusion {name} {fusion} training step: {per_s(step, 'images')}")
+        add_ratios(per_fusion)
     return results
+
+
+def add_ratios(per_fusion: dict[str, Any]) -> None:
+    """Each figure over the pooled prefix's (None where pooled was not measured)."""
+    pooled = per_fusion.get("pooled")
+    for figures in per_fusion.values():
+        for case, entry in figures["cases"].items():
+            base = pooled["cases"][case]["cached"] if pooled else None
+            entry["over_pooled"] = ratio(entry["cached"], base) if base else None
+        if "train_step" in figures:
+            base = pooled.get("train_step") if pooled else None
+            figures["train_step_over_pooled"] = (
+                ratio(figures["train_step"], base, "images") if base else None
+            )

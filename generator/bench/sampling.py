@@ -98,10 +98,13 @@ def sampling_report(
     }
 
 
-def ratio(numerator: dict[str, Any], denominator: dict[str, Any]) -> float | None:
+def ratio(
+    numerator: dict[str, Any], denominator: dict[str, Any], unit: str = "tokens"
+) -> float | None:
     if "skipped" in numerator or "skipped" in denominator:
         return None
-    return numerator["tokens_per_s"]["median"] / denominator["tokens_per_s"]["median"]
+    key = f"{unit}_per_s"
+    return numerator[key]["median"] / denominator[key]["median"]
 
 
 def generator_config(node: DictConfig, clip_dim: int) -> GPTConfig:

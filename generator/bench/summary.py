@@ -137,6 +137,12 @@ def fusion_row(name: str, fusion: str, figures: dict[str, Any]) -> str:
         f"{fmt(median_of(case['cached'], 'tokens_per_s'))} ({fmt(case['over_pooled'], 2)}x)"
         for case in figures["cases"].values()
     ]
+    step = figures.get("train_step")
+    cells.append(
+        f"{fmt(median_of(step, 'images_per_s'))} ({fmt(figures['train_step_over_pooled'], 2)}x)"
+        if step
+        else "-"
+    )
     return (
         f"| {name} | {fusion} | {figures['params']:,} | {figures['prefix_length']} | "
         + " | ".join(cells)
@@ -153,8 +159,8 @@ def fusion_table(fusion: dict[str, Any]) -> list[str]:
     return table(
         "| generator | fusion | parameters | prefix tokens | "
         + " | ".join(f"{case} tok/s (over pooled)" for case in cases)
-        + " |",
-        "|---|---|---:|---:|" + "---:|" * len(cases),
+        + " | training step img/s (over pooled) |",
+        "|---|---|---:|---:|" + "---:|" * (len(cases) + 1),
         [
             fusion_row(name, fusion_name, figures)
             for name, per_fusion in fusion.items()
