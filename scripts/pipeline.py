@@ -107,15 +107,23 @@ def tokenizer_headline(run: RunDir, stdout: str) -> str:
 
 
 def clip_headline(run: RunDir, stdout: str) -> str:
-    retrieval = _json_tail(stdout).get("clip_retrieval")
+    summary = _json_tail(stdout)
+    retrieval = summary.get("clip_retrieval")
     if not retrieval:
         top1 = _logged(run, "clip", "val/image_to_text_top1", _percent)
         return f"val image->caption top-1 within a batch {top1}"
-    return (
+    headline = (
         f"image->caption top-1 {_percent(retrieval['seen']['image_to_text_top1'])} on seen, "
         f"{_percent(retrieval['held_out']['image_to_text_top1'])} on held-out combinations "
         f"({_percent(retrieval['held_out_among_held_out'])} among held-out captions only)"
     )
+    probe = summary.get("clip_swap_probe", {})
+    swaps = [
+        f"{swap} {score['percent_right']:.1f}%"
+        for swap, score in probe.items()
+        if math.isfinite(score["percent_right"])
+    ]
+    return headline + (f"; swap probe {', '.join(swaps)}" if swaps else "")
 
 
 def encode_headline(run: RunDir, stdout: str) -> str:

@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from browser import chromium
+from helpers import load_script
 from PIL import Image
+
+from tokenizer.base.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (
@@ -199,3 +202,26 @@ def test_the_report_renders_in_a_browser(finished_run, tmp_path):
     assert pixels.shape[:2] == (2400, 1100)
     colourful = (pixels.max(axis=2).astype(int) - pixels.min(axis=2)) > 60
     assert colourful.mean() > 0.01  # the embedded images show, not only text
+
+
+def test_the_clip_headline_has_the_swap_probe(tmp_path):
+    """Every swap train_clip probed, in percent; a swap no test image had (NaN) left out."""
+    summary = {
+        "clip_retrieval": {
+            "seen": {"image_to_text_top1": 0.987},
+            "held_out": {"image_to_text_top1": 0.578},
+            "held_out_among_held_out": 0.97,
+        },
+        "clip_swap_probe": {
+            "color": {"percent_right": 96.64, "num_images": 417},
+            "shape": {"percent_right": 86.1, "num_images": 334},
+            "size": {"percent_right": float("nan"), "num_images": 0},
+            "relation": {"percent_right": 97.2, "num_images": 496},
+        },
+    }
+    stdout = "training...\n" + json.dumps(summary)
+    headline = load_script("pipeline.py").clip_headline(RunDir(tmp_path), stdout)
+    assert headline == (
+        "image->caption top-1 98.7% on seen, 57.8% on held-out combinations (97.0% among "
+        "held-out captions only); swap probe color 96.6%, shape 86.1%, relation 97.2%"
+    )

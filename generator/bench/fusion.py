@@ -6,10 +6,10 @@ The fusions other than pooled read CLIP's token features: random ones of `clip_t
 (ViT-B-32's text tower: 77 tokens of width 512), every token real, so early fusion's prefix and
 deep fusion's cross-attention are as long as they get. A generator entry may set its own
 `num_condition_tokens` and `token_dim` (the shapes generator reads its small CLIP's 24 x 64).
-FLOPs are FlopCounterMode's count of the first warm-up run; the weights read per sampling step
-are the blocks', deep fusion's cross-attention blocks', the final norm's and the head's. For the
-generators named in `fusion_train_generators` one training step (forward, backward, AdamW) is
-timed too, at `fusion_train_batch_size` images.
+FLOPs are FlopCounterMode's count of one run, before the warm-up; the weights read per sampling
+step are the blocks', deep fusion's cross-attention blocks', the final norm's and the head's.
+For the generators named in `fusion_train_generators` one training step (forward, backward,
+AdamW) is timed too, at `fusion_train_batch_size` images.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from generator.bench.flops import count_flops
 from generator.bench.machine import Ceilings
 from generator.bench.progress import per_s, progress
 from generator.bench.sampling import generator_config, ratio, sampling_report
@@ -39,7 +40,9 @@ def fusion_model(cfg: DictConfig, name: str, fusion: str, device: torch.device) 
     entry.setdefault("token_dim", width)
     config = generator_config(OmegaConf.create({**entry, "fusion": fusion}), cfg.clip_dim)
     torch.manual_seed(cfg.seed)
-    return GPT(config).to(device).eval()
+    # FlopCounterMode's module tracker hooks inputs that require grad, which inference mode
+    # cannot give it: sampling runs without gradients, the training step turns them on
+    return GPT(config).to(device).eval().requires_grad_(False)
 
 
 def random_condition(model: GPT, batch_size: int, device: torch.device) -> Condition:
@@ -68,12 +71,13 @@ def fusion_case(
     options = SamplingOptions(cfg_scale=cfg_scale, seed=0, cuda_graph=False)
     rows = batch_size * (2 if cfg_scale != 1.0 else 1)
     condition = random_condition(model, batch_size, settings.device)
-    measurement = measure(lambda: generate(model, condition, options), settings, with_flops=True)
+    flops = count_flops(lambda: generate(model, condition, options))
+    measurement = measure(lambda: generate(model, condition, options), settings)
     codes = model.config.num_codes
     figures = sampling_report(
         measurement,
         batch_size * codes,
-        measurement.flops,
+        flops,
         step_weight_bytes(model),
         codes,
         ceilings.fp32_gflops,
@@ -86,7 +90,7 @@ def train_step_case(
     model: GPT, batch_size: int, settings: Settings, ceilings: Ceilings
 ) -> dict[str, Any]:
     """One training step of random codes and conditions: images/s."""
-    model.train()
+    model.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     shape = (batch_size, model.config.num_codes)
     codes = torch.randint(model.config.vocab_size, shape, device=settings.device)
@@ -100,7 +104,7 @@ def train_step_case(
         optimizer.step()
 
     measurement = measure(step, settings, with_flops=True)
-    model.eval()
+    model.eval().requires_grad_(False)
     return report(measurement, batch_size, "images", measurement.flops, ceilings.fp32_gflops)
 
 
