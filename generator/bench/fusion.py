@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from generator.bench.flops import count_flops
 from generator.bench.machine import Ceilings
 from generator.bench.progress import per_s, progress
-from generator.bench.sampling import generator_config, ratio, sampling_report
+from generator.bench.sampling import generator_config, ratio, sampling_cases, sampling_report
 from generator.bench.timing import Settings, measure, report
 from generator.conditioning import Condition
 from generator.gpt import GPT
@@ -122,12 +122,10 @@ def fusion_section(
         for fusion in cfg.fusions:
             model = fusion_model(cfg, name, fusion, settings.device)
             cases = {}
-            for batch in batch_sizes:
-                for scale in cfg.cfg_scales:
-                    case = f"b{batch}" + ("" if scale == 1.0 else "_cfg")
-                    cases[case] = fusion_case(model, batch, scale, settings, ceilings)
-                    tokens = per_s(cases[case]["cached"], "tokens")
-                    progress(f"fusion {name} {fusion} {case}: cached {tokens}")
+            for case, batch, scale in sampling_cases(batch_sizes, cfg.cfg_scales):
+                cases[case] = fusion_case(model, batch, scale, settings, ceilings)
+                tokens = per_s(cases[case]["cached"], "tokens")
+                progress(f"fusion {name} {fusion} {case}: cached {tokens}")
             per_fusion[fusion] = {
                 "params": model.num_parameters(),
                 "prefix_length": model.config.prefix_length,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -248,6 +248,15 @@ def flop_check(model: GPT, settings: Settings) -> float:
     return counted / gpt_cost(model, 1).cached_flops
 
 
+def sampling_cases(
+    batch_sizes: list[int], cfg_scales: list[float]
+) -> Iterator[tuple[str, int, float]]:
+    """Each case's name ("b8", "b8_cfg" with guidance), batch size and guidance scale."""
+    for batch in batch_sizes:
+        for scale in cfg_scales:
+            yield f"b{batch}" + ("" if scale == 1.0 else "_cfg"), batch, scale
+
+
 def sampling_section(
     cfg: DictConfig,
     names: list[str],
@@ -267,11 +276,9 @@ def sampling_section(
         sampler = Sampler(model, bf16_model, bf16_mode, cfg.naive_max_s)
         blocks, head = matmul_weights(model)
         cases = {}
-        for batch in batch_sizes:
-            for scale in cfg.cfg_scales:
-                case = f"b{batch}" + ("" if scale == 1.0 else "_cfg")
-                cases[case] = figures = sampling_case(sampler, batch, scale, settings, ceilings)
-                progress(f"sampling {name} {case}: {case_line(figures)}")
+        for case, batch, scale in sampling_cases(batch_sizes, cfg.cfg_scales):
+            cases[case] = figures = sampling_case(sampler, batch, scale, settings, ceilings)
+            progress(f"sampling {name} {case}: {case_line(figures)}")
         results[name] = {
             "config": dataclasses.asdict(config),
             "params": model.num_parameters(),
