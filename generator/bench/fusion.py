@@ -23,13 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 from generator.bench.flops import count_flops
 from generator.bench.machine import Ceilings
 from generator.bench.progress import per_s, progress
-from generator.bench.sampling import generator_config, ratio, sampling_cases, sampling_report
+from generator.bench.sampling import (
+    generator_config,
+    ratio,
+    sampling_cases,
+    sampling_report,
+    step_weight_bytes,
+)
 from generator.bench.timing import Settings, measure, report
 from generator.conditioning import Condition
 from generator.gpt import GPT
 from generator.sampling import SamplingOptions, generate
-
-STEP_WEIGHTS = ("blocks", "cross_blocks", "norm", "head")  # what every sampling step reads
 
 
 def fusion_model(cfg: DictConfig, name: str, fusion: str, device: torch.device) -> GPT:
@@ -54,14 +58,6 @@ def random_condition(model: GPT, batch_size: int, device: torch.device) -> Condi
     shape = (batch_size, config.num_condition_tokens)
     tokens = torch.randn(*shape, config.token_dim, device=device)
     return Condition(pooled, tokens, torch.ones(shape, dtype=torch.bool, device=device))
-
-
-def step_weight_bytes(model: GPT) -> int:
-    return sum(
-        p.numel() * p.element_size()
-        for name, p in model.named_parameters()
-        if name.startswith(STEP_WEIGHTS)
-    )
 
 
 def fusion_case(

@@ -40,6 +40,8 @@ from generator.gpt import GPT, GPTConfig
 from generator.precision import bf16_probe
 from generator.sampling import SamplingOptions, generate, generate_naive
 
+STEP_WEIGHTS = ("blocks", "cross_blocks", "norm", "head")  # what every sampling step reads
+
 
 class GPTCost(NamedTuple):
     """What one generation of B' rows (2B under guidance) costs, counted from the model's size."""
@@ -74,11 +76,17 @@ def gpt_cost(model: GPT, rows: int) -> GPTCost:
     prefill = forward(prefix, 1)
     steps = sum(2 * blocks + attention * (prefix + t) + 2 * head for t in range(1, codes))
     naive = sum(forward(prefix + n - 1, n) for n in range(1, codes + 1))
-    read = [
-        p for name, p in model.named_parameters() if name.startswith(("blocks", "norm", "head"))
-    ]
-    weight_bytes = sum(p.numel() * p.element_size() for p in read)
-    return GPTCost(rows * (prefill + steps), rows * naive, weight_bytes)
+    return GPTCost(rows * (prefill + steps), rows * naive, step_weight_bytes(model))
+
+
+def step_weight_bytes(model: GPT) -> int:
+    """Bytes of the weights every sampling step reads: the blocks, deep fusion's cross-attention
+    blocks, the final norm and the head."""
+    return sum(
+        p.numel() * p.element_size()
+        for name, p in model.named_parameters()
+        if name.startswith(STEP_WEIGHTS)
+    )
 
 
 def sampling_report(
