@@ -111,6 +111,7 @@ class VariationScores:
 
 @dataclass
 class GeneratorMetrics:
+    settings: GenerationEvalConfig  # how the samples were drawn: guidance, temperature, rerank...
     with_cfg: GuidanceResults | None  # None where the config's cfg_scale is 1
     without_cfg: GuidanceResults
     variations: VariationScores | None  # None with num_sources = 0
@@ -358,4 +359,4 @@ def evaluate_generator(
     variations = None
     if sources.shape[0]:
         variations = evaluate_variations(pipeline, sources, config, use_checker)
-    return GeneratorMetrics(with_cfg, without_cfg, variations)
+    return GeneratorMetrics(config, with_cfg, without_cfg, variations)

@@ -481,6 +481,7 @@ def test_evaluate_reports_the_generator(run_copy, capsys):
         "generation.num_prompts=2",
         "generation.num_sources=2",
         "generation.variations_per_source=2",
+        "generation.temperature=0.9",
     ]
     load_script("evaluate.py").evaluate(compose_config("evaluate", overrides))
     stdout = capsys.readouterr().out
@@ -488,6 +489,7 @@ def test_evaluate_reports_the_generator(run_copy, capsys):
     assert report == json.loads((run_copy / "eval.json").read_text())
     assert {"tokenizer", "generator"} <= set(report)
     generated = report["generator"]
+    assert generated["settings"]["num_prompts"] == 2 and generated["settings"]["temperature"] == 0.9
     for run_name, scale in (("with_cfg", 3.0), ("without_cfg", 1.0)):
         results = generated[run_name]
         assert results["cfg_scale"] == scale and -1 <= results["clip_score"] <= 1
