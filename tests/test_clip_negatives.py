@@ -13,19 +13,26 @@ from generator.clip.loss import HardNegativeLoss
 from generator.clip.module import CLIPModule
 from tokenizer.base.optim import OptimConfig
 from tokenizer.data import DataConfig
-from tokenizer.shapes import Scene, ShapeObject, canonical_caption, scene_matches
-from tokenizer.shapes.swaps import swapped_twins
+from tokenizer.shapes import (
+    HELD_OUT,
+    Scene,
+    ShapeObject,
+    canonical_caption,
+    parse_caption,
+    scene_matches,
+)
+from tokenizer.shapes.swaps import copied_captions, swapped_twins
 
 RED_LEFT = Scene(
     (
         ShapeObject("circle", "red", "small", "left"),
-        ShapeObject("square", "blue", "large", "right"),
+        ShapeObject("square", "purple", "large", "right"),
     ),
     "white",
 )
 RED_RIGHT = Scene(  # the same two objects, places exchanged: RED_LEFT's relation twin shows this
     (
-        ShapeObject("square", "blue", "large", "left"),
+        ShapeObject("square", "purple", "large", "left"),
         ShapeObject("circle", "red", "small", "right"),
     ),
     "white",
@@ -50,6 +57,34 @@ def test_a_batch_carries_the_twins_that_no_image_of_it_shows():
     assert DistinctCaptions()(captioned(RED_LEFT, ONE)).negatives == ()
     web = [CaptionedImage(torch.zeros(3, 32, 32), "a red circle left of a blue square", None)]
     assert DistinctCaptions(hard_negatives=True)(web).negatives == ()  # no scene, no twins
+
+
+def test_twins_that_name_a_held_out_pair_give_way_to_copies_that_do_not():
+    """Red circle and blue square: exchanging their colours or their shapes names a blue circle,
+    a pair no training image shows, which CLIP must not learn as a wrong answer; one object
+    taking the other's colour or shape (red circle and red square) is the negative instead."""
+    scene = Scene(
+        (
+            ShapeObject("circle", "red", "small", "left"),
+            ShapeObject("square", "blue", "large", "right"),
+        ),
+        "white",
+    )
+    twins = swapped_twins(canonical_caption(scene))
+    assert ("blue", "circle") in HELD_OUT and len(twins) == 4
+    batch = DistinctCaptions(hard_negatives=True)(captioned(scene))
+    copies = {
+        copy
+        for swap in ("color", "shape")
+        for copy in copied_captions(canonical_caption(scene), swap)
+        if not any(pair in HELD_OUT for pair in _pairs(copy))
+    }
+    assert len(copies) == 2
+    assert set(batch.negatives) == {twins["size"], twins["relation"], *copies}
+
+
+def _pairs(caption: str) -> list[tuple]:
+    return [(obj.color, obj.shape) for obj in parse_caption(caption).objects]
 
 
 def test_training_batches_have_twins_and_validation_batches_none():

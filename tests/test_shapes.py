@@ -27,7 +27,7 @@ from tokenizer.shapes import (
     sample_caption,
     scene_matches,
 )
-from tokenizer.shapes.swaps import SWAPS, swapped_caption, swapped_twins
+from tokenizer.shapes.swaps import SWAPS, copied_captions, swapped_caption, swapped_twins
 
 
 def _accuracy(split: str, objects: int, count: int, degraded: bool, image_size: int = 32) -> float:
@@ -206,6 +206,30 @@ def test_each_swap_changes_exactly_one_thing_and_breaks_the_match():
                 assert not scene_matches(scene, twin), (caption, twin)
                 made[swap] += 1
     assert all(count > 20 for count in made.values()), made
+
+
+def test_a_copy_gives_one_object_the_others_value_and_breaks_the_match():
+    config = ShapesConfig(image_size=32, min_objects=2, max_objects=2)
+    made = 0
+    for index in range(40):
+        scene = generate(config, "train", index).scene
+        caption = sample_caption(scene, np.random.default_rng(index))
+        first, second = parse_caption(caption).objects
+        for swap in ("color", "shape", "size"):
+            copies = copied_captions(caption, swap)
+            assert len(copies) == (2 if swapped_caption(caption, swap) else 0), (caption, swap)
+            for copy, (changed, source) in zip(copies, ((0, second), (1, first)), strict=False):
+                objects = list(parse_caption(caption).objects)
+                objects[changed] = dataclasses.replace(
+                    objects[changed], **{swap: getattr(source, swap)}
+                )
+                assert parse_caption(copy).objects == tuple(objects), (caption, copy)
+                assert not scene_matches(scene, copy), (caption, copy)
+                made += 1
+    assert made > 60
+    assert copied_captions("a large red circle in the center", "color") == []
+    with pytest.raises(ValueError, match="use one of"):
+        copied_captions("a red circle above a blue square", "relation")
 
 
 def test_swaps_that_would_change_nothing_give_none():

@@ -2,7 +2,7 @@
 its two objects (colour, shape or size) or with its relation turned round ("left of" <-> "right
 of", "above" <-> "below"). Each twin changes exactly one thing and describes a different scene:
 the hard negatives a CLIP learns relations from (NegCLIP's recipe), and the swap probe that
-measures whether it did.
+measures whether it did. A copy is half a swap: one object takes the other's value.
 """
 
 import re
@@ -46,6 +46,31 @@ def swapped_twins(caption: str) -> dict[str, str]:
     """Every swap of SWAPS that changes `caption`, by name: {"color": twin, ...}."""
     twins = {swap: swapped_caption(caption, swap) for swap in SWAPS}
     return {swap: twin for swap, twin in twins.items() if twin is not None}
+
+
+def copied_captions(caption: str, swap: str) -> list[str]:
+    """Half of a colour, shape or size swap: `caption` (lower-cased) with one object given the
+    other's value of the attribute, for each object in turn; none where `swapped_caption` would
+    change nothing. Each describes a different scene from the caption's."""
+    if swap not in _VOCABULARY:
+        raise ValueError(f"swap is {swap!r}: use one of {tuple(_VOCABULARY)}.")
+    text = caption.lower()
+    layout = caption_layout(text)
+    if len(layout.objects) != 2:
+        return []
+    vocabulary = _VOCABULARY[swap]
+    first, second = (_named(text, span, vocabulary) for span in layout.objects)
+    values = [{normalised_word(word.group()) for word in words} for words in (first, second)]
+    if len(values[0]) != 1 or len(values[1]) != 1 or values[0] == values[1]:
+        return []
+    (value_a,), (value_b,) = values
+    return [_replaced(text, first, value_b), _replaced(text, second, value_a)]
+
+
+def _replaced(text: str, words: list[re.Match], value: str) -> str:
+    for word in sorted(words, key=lambda word: -word.start()):
+        text = text[: word.start()] + value + text[word.end() :]
+    return text
 
 
 def _named(text: str, span: tuple[int, int], vocabulary: tuple[str, ...]) -> list[re.Match]:
