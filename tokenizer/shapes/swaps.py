@@ -6,6 +6,7 @@ measures whether it did. A copy is half a swap: one object takes the other's val
 """
 
 import re
+from typing import NamedTuple
 
 from tokenizer.shapes.captions import (
     CaptionLayout,
@@ -56,19 +57,38 @@ def copied_captions(caption: str, swap: str) -> list[str]:
         raise ValueError(f"swap is {swap!r}: use one of {tuple(_VOCABULARY)}.")
     text = caption.lower()
     layout = caption_layout(text)
-    if len(layout.objects) != 2:
+    named = _two_values(text, layout, _VOCABULARY[swap]) if len(layout.objects) == 2 else None
+    if named is None:
         return []
-    vocabulary = _VOCABULARY[swap]
+    first, second = named
+    return [
+        _replaced(text, [(first.words, second.value)]),
+        _replaced(text, [(second.words, first.value)]),
+    ]
+
+
+class _Named(NamedTuple):
+    words: list[re.Match]  # the words of one object that name its value of an attribute
+    value: str
+
+
+def _two_values(
+    text: str, layout: CaptionLayout, vocabulary: tuple[str, ...]
+) -> tuple[_Named, _Named] | None:
+    """Each of the two objects' words naming its value of the attribute, or None unless each
+    names exactly one value and the two differ."""
     first, second = (_named(text, span, vocabulary) for span in layout.objects)
     values = [{normalised_word(word.group()) for word in words} for words in (first, second)]
     if len(values[0]) != 1 or len(values[1]) != 1 or values[0] == values[1]:
-        return []
+        return None
     (value_a,), (value_b,) = values
-    return [_replaced(text, first, value_b), _replaced(text, second, value_a)]
+    return _Named(first, value_a), _Named(second, value_b)
 
 
-def _replaced(text: str, words: list[re.Match], value: str) -> str:
-    for word in sorted(words, key=lambda word: -word.start()):
+def _replaced(text: str, changes: list[tuple[list[re.Match], str]]) -> str:
+    """`text` with each group of words replaced by its value, last words first."""
+    replacements = [(word, value) for words, value in changes for word in words]
+    for word, value in sorted(replacements, key=lambda pair: -pair[0].start()):
         text = text[: word.start()] + value + text[word.end() :]
     return text
 
@@ -81,12 +101,8 @@ def _named(text: str, span: tuple[int, int], vocabulary: tuple[str, ...]) -> lis
 
 
 def _exchanged(text: str, layout: CaptionLayout, vocabulary: tuple[str, ...]) -> str | None:
-    first, second = (_named(text, span, vocabulary) for span in layout.objects)
-    values = [{normalised_word(word.group()) for word in words} for words in (first, second)]
-    if len(values[0]) != 1 or len(values[1]) != 1 or values[0] == values[1]:
+    named = _two_values(text, layout, vocabulary)
+    if named is None:
         return None
-    (value_a,), (value_b,) = values
-    replacements = [(word, value_b) for word in first] + [(word, value_a) for word in second]
-    for word, value in sorted(replacements, key=lambda pair: -pair[0].start()):
-        text = text[: word.start()] + value + text[word.end() :]
-    return text
+    first, second = named
+    return _replaced(text, [(first.words, second.value), (second.words, first.value)])
