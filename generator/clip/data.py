@@ -132,15 +132,16 @@ def _pairs(query: Query | None) -> list[tuple]:
     return [(obj.color, obj.shape) for obj in query.objects] if query else [(None,)]
 
 
-def _names_held_out(caption: str) -> bool:
-    return any(pair in HELD_OUT for pair in _pairs(_parse(caption)))
-
-
-def _twins(caption: str) -> list[str]:
-    """The caption's swapped twins, each that names a held-out pair replaced by its copies."""
+def _twins(caption: str) -> list[tuple[str, Query | None]]:
+    """The caption's swapped twins with their parses, each that names a held-out pair replaced
+    by its copies."""
     twins = []
     for swap, twin in swapped_twins(caption).items():
-        twins += copied_captions(caption, swap) if _names_held_out(twin) else [twin]
+        query = _parse(twin)
+        if any(pair in HELD_OUT for pair in _pairs(query)):
+            twins += [(copy, _parse(copy)) for copy in copied_captions(caption, swap)]
+        else:
+            twins.append((twin, query))
     return twins
 
 
@@ -204,8 +205,7 @@ class DistinctCaptions:
         for item in kept:
             if item.scene is None:
                 continue
-            for twin in _twins(item.caption.strip()):
-                query = _parse(twin)
+            for twin, query in _twins(item.caption.strip()):
                 pairs = _pairs(query)
                 if twin in negatives or any(None in pair or pair in HELD_OUT for pair in pairs):
                     continue
