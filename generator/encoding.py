@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, IterableDataset
 from tqdm import tqdm
 
 import tokenizer.base.files
+from generator.clip.encoder import text_feature_shape
 from generator.shards import (
     DONE_FILE,
     EMBEDDING_DTYPE,
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
     from generator.clip.encoder import TextTokens
 
 logger = logging.getLogger(__name__)
-TOKEN_SHAPES = ("text_token_shape", "image_token_shape")  # follow the CLIP and `tokens`
+TOKEN_SHAPES = ("text_token_shape", "image_token_shape")  # follow the CLIP and the features
 
 
 class TokenRows(NamedTuple):
@@ -102,15 +103,20 @@ class EncodeOutcome(NamedTuple):
 
 
 def run_clip(
-    clip: CLIPEncoder, images: torch.Tensor, captions: list[str], tokens: bool
+    clip: CLIPEncoder,
+    images: torch.Tensor,
+    captions: list[str],
+    tokens: bool,
+    word_embeddings: bool = False,
 ) -> CLIPOutputs:
     """The CLIP over a batch's images and its non-empty captions; with `tokens`, the pooled
-    embeddings come from the same pass as the token features."""
+    embeddings come from the same pass as the token features (the text's with each token's word
+    embedding where `word_embeddings`)."""
     if not tokens:
         text = clip.encode_text(captions).float() if captions else None
         return CLIPOutputs(clip.encode_image(images).float(), text, None, None)
     image = clip.encode_image_tokens(images)
-    text = clip.encode_text_tokens(captions) if captions else None
+    text = clip.encode_text_tokens(captions, word_embeddings=word_embeddings) if captions else None
     return CLIPOutputs(
         image_embeddings=image.pooled.float(),
         text_embeddings=text.pooled.float() if text is not None else None,
@@ -156,7 +162,8 @@ def encode_batch(
     captions = [sample.caption.strip() for sample in samples]
     codes = vqgan.encode(images)  # (B, h, w)
     captioned = [i for i, caption in enumerate(captions) if caption]
-    outputs = run_clip(clip, images, [captions[i] for i in captioned], plan.tokens)
+    texts = [captions[i] for i in captioned]
+    outputs = run_clip(clip, images, texts, plan.tokens, plan.word_embeddings)
     text_embeddings = torch.zeros_like(outputs.image_embeddings)  # (B, E)
     if captioned:
         text_embeddings[captioned] = outputs.text_embeddings
@@ -299,6 +306,7 @@ def make_plan(
     data_config: DataConfig,
     shard_size: int,
     tokens: bool = False,
+    word_embeddings: bool = False,
 ) -> EncodingPlan:
     """The plan of an encode; with `tokens`, asking the CLIP for its token shapes refuses a CLIP
     without per-token outputs before any work."""
@@ -315,7 +323,8 @@ def make_plan(
         batch_size=data_config.batch_size,
         data=order_settings(data_config),
         tokens=tokens,
-        text_token_shape=tuple(clip.text_token_shape) if tokens else None,
+        word_embeddings=word_embeddings,
+        text_token_shape=text_feature_shape(clip, word_embeddings) if tokens else None,
         image_token_shape=tuple(clip.image_token_shape) if tokens else None,
     )
 
@@ -325,14 +334,16 @@ def plan_differences(found: EncodingPlan, wanted: EncodingPlan) -> list[str]:
     differences = []
     for field in dataclasses.fields(EncodingPlan):
         old, new = getattr(found, field.name), getattr(wanted, field.name)
-        if old == new or (field.name in TOKEN_SHAPES and found.tokens != wanted.tokens):
+        features = (found.tokens, found.word_embeddings) != (wanted.tokens, wanted.word_embeddings)
+        if old == new or (field.name in TOKEN_SHAPES and features):
             continue
         if field.name == "tokenizer_fingerprint":
             differences.append(f"another tokenizer (sha256 {old[:12]}…, this one {new[:12]}…)")
         elif field.name == "clip_fingerprint":
             differences.append(f"another CLIP (sha256 {old[:12]}…, this one {new[:12]}…)")
-        elif field.name == "tokens":
-            differences.append(f"tokens={str(old).lower()} (now tokens={str(new).lower()})")
+        elif field.name in ("tokens", "word_embeddings"):
+            name = field.name
+            differences.append(f"{name}={str(old).lower()} (now {name}={str(new).lower()})")
         elif field.name == "data":
             keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             differences += [f"data.{k}={old.get(k)!r} (now {new.get(k)!r})" for k in keys]
@@ -372,9 +383,11 @@ def encode_run(
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     tokens: bool = False,
+    word_embeddings: bool = False,
 ) -> EncodeOutcome:
     """Encode `splits` of the data with RUN/tokenizer and `clip` into RUN/encoded, with the
-    CLIP's token features where `tokens`.
+    CLIP's token features where `tokens` (the text's with word embeddings where
+    `word_embeddings`; see generator/clip/encoder.py).
 
     The data is read at the tokenizer's image size. Resumes an interrupted encode; refuses
     shards that another tokenizer, CLIP, data setting or choice of `tokens` made unless
@@ -396,7 +409,7 @@ def encode_run(
     encoded_dir, tokenizer_dir = run.encoded, run.tokenizer
     vqgan = VQGAN.from_pretrained(tokenizer_dir, device=device)
     data_config = dataclasses.replace(data_config, image_size=vqgan.config.image_size)
-    plan = make_plan(tokenizer_dir, vqgan, clip, data_config, shard_size, tokens)
+    plan = make_plan(tokenizer_dir, vqgan, clip, data_config, shard_size, tokens, word_embeddings)
     prepare_encoded_dir(encoded_dir, plan, overwrite)
     remove_temporaries(encoded_dir)
 

@@ -61,6 +61,7 @@ class GPTConfig:
     fusion: str = "pooled"  # pooled | early | resampler | deep
     token_dim: int = 0  # width W of CLIP's token features; from the shards where fusion reads them
     num_condition_tokens: int = 0  # their number L (CLIP's context length)
+    word_embeddings: bool = False  # they hold CLIP's word embeddings too; from the shards
     num_latents: int = 8  # resampler: latents, each one prefix token
     cross_attention_every: int = 2  # deep: a gated cross-attention block before every k-th block
     p_drop_tokens: float = 0.0  # probability, in training, of the token features alone dropped

@@ -224,7 +224,8 @@ class Pipeline:
         fusion reads them."""
         if not self.model.conditioner.needs_tokens:
             return Condition(self.clip.encode_text(prompts))
-        return Condition(*self.clip.encode_text_tokens(prompts))
+        words = self.model.config.word_embeddings
+        return Condition(*self.clip.encode_text_tokens(prompts, word_embeddings=words))
 
     # -----------------------------------------------------------------------------------------
     # Checking inputs, before any work

@@ -20,9 +20,11 @@ A shard is one safetensors file holding, for its N samples:
 and, where the plan says `tokens: true` (scripts/encode.py tokens=true), the CLIP's per-token
 features:
 
-    text_tokens       (N, Lmax, W)  float16, the text tower's last-layer output per token;
-                                    Lmax is the shard's longest caption in tokens, and rows are
-                                    zeros past each caption's length and for uncaptioned samples
+    text_tokens       (N, Lmax, W)  float16, the text tower's last-layer output per token (and
+                                    its word embedding where the plan says `word_embeddings:
+                                    true`, W twice the tower's width); Lmax is the shard's
+                                    longest caption in tokens, and rows are zeros past each
+                                    caption's length and for uncaptioned samples
     text_lengths      (N,)          int16, each caption's length in tokens, 0 where none
     image_tokens      (N, Np, W')   float16, the vision tower's per-patch output
 
@@ -266,6 +268,7 @@ class EncodingPlan:
     batch_size: int  # images per tokenizer/CLIP pass (it can change the last bits of a result)
     data: dict[str, Any]  # the data settings that decide which samples come in which order
     tokens: bool = False  # the shards hold CLIP token features (absent from older plans)
+    word_embeddings: bool = False  # text token features hold word embeddings too (absent: no)
     text_token_shape: tuple[int, int] | None = None  # (L, W), None without token features
     image_token_shape: tuple[int, int] | None = None  # (Np, W'), None without token features
 
@@ -277,6 +280,11 @@ class EncodingPlan:
             raise ValueError(
                 f"encoding plan: tokens={self.tokens} with text_token_shape={shapes[0]} and "
                 f"image_token_shape={shapes[1]}: run scripts/encode.py with overwrite=true."
+            )
+        if self.word_embeddings and not self.tokens:
+            raise ValueError(
+                "encoding plan: word_embeddings=true belongs to the token features: run "
+                "scripts/encode.py with tokens=true word_embeddings=true."
             )
         dtype, num_codes = self.codes_dtype, self.num_codes
         if dtype not in CODES_DTYPES or np.iinfo(dtype).max < num_codes - 1:

@@ -1,10 +1,11 @@
 """Encode a dataset for stage two: RUN/encoded/<split>/shard-*.safetensors + manifest.json.
 
     python scripts/encode.py run_dir=RUN [data=...] [clip=...] [splits=[train,val]] [tokens=true]
-                             [overwrite=true]
+                             [word_embeddings=true] [overwrite=true]
 
 Runs RUN/tokenizer and the CLIP once over each split; tokens=true also stores the CLIP's
-per-token text and per-patch image features, for a conditioning that reads them. Run it again
+per-token text and per-patch image features, for a conditioning that reads them, and
+word_embeddings=true each caption token's word embedding beside its text feature. Run it again
 after an interruption to resume from the last complete shard; on a finished encode it does
 nothing.
 """
@@ -37,6 +38,7 @@ def encode(cfg: DictConfig) -> None:
         device=device,
         overwrite=cfg.overwrite,
         tokens=cfg.tokens,
+        word_embeddings=cfg.word_embeddings,
     )
     record_encoding_clip(clip_config, run.encoded)
     counts = ", ".join(f"{s.name}: {s.num_samples}" for s in outcome.manifest.splits)

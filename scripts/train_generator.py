@@ -49,14 +49,18 @@ def sample_grid(cfg: DictConfig, run_dir: Path, manifest: Manifest) -> list[Samp
     return [grid]
 
 
-def token_sizes(fusion: str, manifest: Manifest, run_dir: Path) -> dict[str, int]:
-    """The CLIP token features' L and W for a fusion that reads them, from the shards, which
-    must hold them."""
+def token_sizes(fusion: str, manifest: Manifest, run_dir: Path) -> dict[str, int | bool]:
+    """What the CLIP token features are (L, W, word embeddings or not) for a fusion that reads
+    them, from the shards, which must hold them."""
     check_token_features(manifest, fusion != "pooled", run_dir)
     if fusion == "pooled":
         return {}
     length, width = manifest.plan.text_token_shape
-    return {"num_condition_tokens": length, "token_dim": width}
+    return {
+        "num_condition_tokens": length,
+        "token_dim": width,
+        "word_embeddings": manifest.plan.word_embeddings,
+    }
 
 
 def train(cfg: DictConfig) -> None:

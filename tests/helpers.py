@@ -135,7 +135,10 @@ class FakeCLIP:
         words = [sum(word.encode()) % 256 for word in caption.split()]
         return [256, *words][: self.text_token_shape[0] - 1] + [257]
 
-    def encode_text_tokens(self, captions: list[str], batch_size: int = 256) -> TextTokens:
+    def encode_text_tokens(
+        self, captions: list[str], batch_size: int = 256, word_embeddings: bool = False
+    ) -> TextTokens:
+        """Word plus position per token; with word_embeddings, its negation beside it."""
         length, width = self.text_token_shape
         features = torch.zeros(len(captions), length, width)
         mask = torch.zeros(len(captions), length, dtype=torch.bool)
@@ -143,6 +146,8 @@ class FakeCLIP:
             ids = self.token_ids(caption)
             features[row, : len(ids)] = self.word_table[ids] + self.position_table[: len(ids)]
             mask[row, : len(ids)] = True
+        if word_embeddings:
+            features = torch.cat([features, -features], dim=-1)
         return TextTokens(self.encode_text(captions), features, mask)
 
     def encode_image_tokens(self, images: torch.Tensor, batch_size: int = 256) -> ImageTokens:

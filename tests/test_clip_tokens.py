@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import random_images, save_clip
 from safetensors.torch import save_file
 
-from generator.clip import CLIPConfig, CLIPEncoder, ImagePreprocess, load_clip
+from generator.clip import CLIPConfig, CLIPEncoder, ImagePreprocess, load_clip, text_feature_shape
 
 CAPTIONS = ["a small red circle in the center on a white background", "a blue square", "x"]
 WORDS = [11, 3, 1]  # BPE tokens of each caption, start and end tokens not counted
@@ -109,6 +109,30 @@ def test_text_tokens_pool_to_encode_text_and_are_zero_at_padding(encoder):
     assert torch.all(tokens.features[tokens.mask].abs().sum(dim=-1) > 0)
 
 
+def test_word_embeddings_sit_beside_the_last_hidden_states(encoder):
+    last = encoder.encode_text_tokens(CAPTIONS)
+    both = encoder.encode_text_tokens(CAPTIONS, batch_size=2, word_embeddings=True)
+    length, width = encoder.text_token_shape
+    assert both.features.shape == (3, length, 2 * width) == (3, *text_feature_shape(encoder, True))
+    assert torch.allclose(both.pooled, last.pooled, atol=1e-6, rtol=0)
+    assert torch.equal(both.mask, last.mask)
+    assert torch.allclose(both.features[..., :width], last.features, atol=1e-5)
+    words = both.features[..., width:]
+    assert torch.all(words[~both.mask] == 0)
+    text = encoder.model if isinstance(encoder.model, open_clip.CLIP) else encoder.model.text
+    embedded = text.token_embedding(encoder.tokenize(CAPTIONS)) + text.positional_embedding
+    expected = F.layer_norm(embedded, (width,))  # the tower's own tables, nothing mixed in
+    assert torch.allclose(words[both.mask], expected[both.mask], atol=1e-5)
+
+
+def test_a_word_embedding_is_the_same_whatever_words_come_before_it(trained):
+    tokens = trained.encode_text_tokens(["a blue circle", "a red circle"], word_embeddings=True)
+    width = trained.text_token_shape[1]
+    circle = tokens.features[:, 3]  # start, "a", the colour, "circle"
+    assert torch.equal(circle[0, width:], circle[1, width:])
+    assert (circle[0, :width] - circle[1, :width]).abs().max() > 1e-2  # causal: it read the colour
+
+
 def test_image_tokens_pool_to_encode_image_and_are_the_patches(encoder):
     images = random_images(3)
     tokens = encoder.encode_image_tokens(images, batch_size=2)
@@ -161,7 +185,9 @@ def test_token_features_do_not_change_the_embeddings_or_the_model(trained):
     trained.encode_image_tokens(images)
     assert torch.equal(trained.encode_image(images), before[0])
     assert torch.equal(trained.encode_text(CAPTIONS), before[1])
+    trained.encode_text_tokens(CAPTIONS, word_embeddings=True)
     assert not trained.model.ln_final._forward_hooks
+    assert not trained.model.transformer._forward_pre_hooks
     assert not trained.model.visual.ln_post._forward_hooks
     with pytest.raises(TypeError, match="list of captions"):
         trained.encode_text_tokens("a red circle")

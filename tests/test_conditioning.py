@@ -11,7 +11,9 @@ from generator.cpu_step import OneCodeStep
 from generator.encoding import encode_run
 from generator.export import load_generator
 from generator.gpt import GPT, GPTConfig
+from generator.pipeline import Pipeline
 from generator.sampling import SamplingOptions, generate, generate_naive
+from tokenizer import VQGAN
 
 VOCAB_SIZE = 32
 GRID_SIZE = (3, 4)
@@ -173,13 +175,12 @@ def test_deep_fusion_computes_the_condition_keys_and_values_once_per_sample(monk
     assert len(calls) == len(model.cross_blocks) == 2  # at prefill, never at a step
 
 
-@pytest.mark.parametrize("fusion", ["early", "deep"])
-def test_train_generator_reads_token_features_from_the_shards(tmp_path, fusion):
+@pytest.mark.parametrize("fusion,words", [("early", False), ("deep", False), ("early", True)])
+def test_train_generator_reads_token_features_from_the_shards(tmp_path, fusion, words):
     run_dir = tmp_path / "run"
     save_tokenizer(run_dir)
-    encode_run(
-        run_dir, shapes_config(num_train=16, num_val=4), FakeCLIP(), shard_size=8, tokens=True
-    )
+    config = shapes_config(num_train=16, num_val=4)
+    encode_run(run_dir, config, FakeCLIP(), shard_size=8, tokens=True, word_embeddings=words)
     result = run_script(
         "train_generator.py",
         f"run_dir={run_dir}",
@@ -191,10 +192,17 @@ def test_train_generator_reads_token_features_from_the_shards(tmp_path, fusion):
         "samples.every_n_steps=2",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    model, _ = load_generator(run_dir / "generator")
+    model, provenance = load_generator(run_dir / "generator")
     length, width = FakeCLIP().text_token_shape
     assert (model.config.fusion, model.config.num_condition_tokens) == (fusion, length)
-    assert model.config.token_dim == width
+    assert (model.config.token_dim, model.config.word_embeddings) == (width * (1 + words), words)
+    vqgan = VQGAN.from_pretrained(run_dir / "tokenizer")
+    pipeline = Pipeline(vqgan, FakeCLIP(), model, provenance)  # prompts read as in training
+    prompts = ["a red circle", "a blue square left of a green triangle"]
+    condition = pipeline.text_condition(prompts)
+    assert condition.tokens.shape == (2, length, width * (1 + words))
+    codes = generate(model, condition, SamplingOptions(seed=0))  # (2, h * w)
+    assert codes.shape == (2, vqgan.config.grid_size[0] * vqgan.config.grid_size[1])
 
 
 def test_train_generator_says_when_the_shards_lack_token_features(tmp_path):

@@ -213,7 +213,7 @@ def forget_token_features(run_dir: Path) -> None:
         path = run_dir / "encoded" / name
         values = json.loads(path.read_text())
         plan = values.get("plan", values)
-        for key in ("tokens", "text_token_shape", "image_token_shape"):
+        for key in ("tokens", "word_embeddings", "text_token_shape", "image_token_shape"):
             del plan[key]
         path.write_text(json.dumps(values, indent=2) + "\n")
 
@@ -249,6 +249,27 @@ def test_token_features_are_not_mixed_into_shards_begun_without(tmp_path):
     check_token_features(load_manifest(tmp_path), needs_tokens=True, run_dir=tmp_path)
     with pytest.raises(ShardMismatchError, match="tokens=true \\(now tokens=false\\)"):
         encode_run(tmp_path, shapes_config(), FakeCLIP(), shard_size=4)
+
+
+def test_word_embeddings_widen_the_text_tokens_and_are_never_mixed_with_shards_without(tmp_path):
+    save_tokenizer(tmp_path)
+    clip, config = FakeCLIP(), shapes_config()
+    run = encode_run(
+        tmp_path, config, clip, ["train"], shard_size=4, tokens=True, word_embeddings=True
+    )
+    assert run.manifest.plan.word_embeddings and run.manifest.plan.text_token_shape == (16, 16)
+    source = build_dataset(config, "train", train=False)
+    text = clip.encode_text_tokens([source[i].caption for i in range(10)], word_embeddings=True)
+    dataset = EncodedDataset(tmp_path, "train")
+    for index in range(10):
+        sample = dataset[index]
+        stored = sample.text_tokens[sample.text_mask]  # (length, 16)
+        assert torch.equal(stored, text.features[index][text.mask[index]].half().float())
+    message = "word_embeddings=true \\(now word_embeddings=false\\)\\. Pass overwrite=true"
+    with pytest.raises(ShardMismatchError, match=message):
+        encode_run(tmp_path, config, clip, shard_size=4, tokens=True)
+    with pytest.raises(ValueError, match="tokens=true word_embeddings=true"):
+        encode_run(tmp_path, config, clip, shard_size=4, word_embeddings=True, overwrite=True)
 
 
 def test_a_half_written_shard_is_ignored_and_rewritten(tmp_path, monkeypatch):

@@ -15,7 +15,13 @@ and the swap probe (evaluation.py). `CLIPConfig` (config.py) names which CLIP.
 """
 
 from generator.clip.config import CLIPConfig
-from generator.clip.encoder import CLIPEncoder, ImagePreprocess, ImageTokens, TextTokens
+from generator.clip.encoder import (
+    CLIPEncoder,
+    ImagePreprocess,
+    ImageTokens,
+    TextTokens,
+    text_feature_shape,
+)
 from generator.clip.loading import encoding_clip, load_clip, record_encoding_clip
 from generator.clip.trained import build_small_clip, clip_tokenizer, save_trained_clip
 from generator.clip.zoo import MissingCLIPWeightsError
@@ -33,4 +39,5 @@ __all__ = [
     "load_clip",
     "record_encoding_clip",
     "save_trained_clip",
+    "text_feature_shape",
 ]

@@ -3,6 +3,13 @@ l2-normalised embeddings, with the model's own tokenizer, and `ImagePreprocess` 
 model's own resize + mean/std normalisation as tensor ops on the batch. `fingerprint` names the
 exact weights and preprocessing an encoder holds. Beside the pooled embedding, the encoder gives
 each tower's per-token output (`TextTokens`, `ImageTokens`; see towers.py).
+
+CLIP's text transformer is causal: each token's last hidden state has read only the tokens
+before it, so in "a blue circle" the feature of "circle" is a circle seen after "blue". For a
+colour-shape pair no training caption names, that mixture is one the generator never met, and it
+draws the colour in a shape it was trained with. `word_embeddings=True` sets each token's word
+embedding (plus position, before any attention, layer-normalised like the last hidden states)
+beside its last hidden state, so a generator can also read every word on its own.
 """
 
 from __future__ import annotations
@@ -86,7 +93,8 @@ Tokenize = Callable[[list[str]], torch.Tensor]  # captions -> (B, context_length
 class TextTokens(NamedTuple):
     pooled: torch.Tensor  # (B, E) float32 unit vectors, exactly what encode_text returns
     features: torch.Tensor  # (B, L, W) float32: the text tower's last hidden states after its
-    # final norm (before pooling and projection); L the context length; zeros at padding
+    # final norm (before pooling and projection), with word embeddings their (B, L, 2W)
+    # concatenation with the word embeddings; L the context length; zeros at padding
     mask: torch.Tensor  # (B, L) bool, True at real tokens (start token, words, end token)
 
 
@@ -94,6 +102,13 @@ class ImageTokens(NamedTuple):
     pooled: torch.Tensor  # (B, E) float32 unit vectors, exactly what encode_image returns
     features: torch.Tensor  # (B, N, W') float32: the vision tower's per-patch output after its
     # final norm (no class token, before the projection)
+
+
+def text_feature_shape(clip: CLIPEncoder, word_embeddings: bool) -> tuple[int, int]:
+    """(L, W) of a CLIP's text token features: its context length, and its text tower's width,
+    twice that with word embeddings."""
+    length, width = clip.text_token_shape
+    return length, width * 2 if word_embeddings else width
 
 
 def _pad_id(tokenize: Tokenize) -> int:
@@ -159,17 +174,27 @@ class CLIPEncoder(nn.Module):
         return tower.length, tower.width
 
     @torch.no_grad()
-    def encode_text_tokens(self, captions: Sequence[str], batch_size: int = 256) -> TextTokens:
-        """Captions -> their pooled embedding and the text tower's per-token output."""
+    def encode_text_tokens(
+        self, captions: Sequence[str], batch_size: int = 256, word_embeddings: bool = False
+    ) -> TextTokens:
+        """Captions -> their pooled embedding and the text tower's per-token output, with
+        `word_embeddings` also each token's word embedding (see the module's docstring)."""
         tower = text_tower(self.model)
         pooled, features, masks = [], [], []
         for tokens in self._tokens(captions, batch_size):
-            with captured_output(tower, tokens.shape[0]) as hidden:
+            with (
+                captured_output(tower, tokens.shape[0]) as hidden,
+                captured_output(tower, tokens.shape[0], inputs=True) as embedded,
+            ):
                 pooled.append(self._pooled_text(tokens))
+            found = hidden()  # (b, L, W)
+            if word_embeddings:
+                words = F.layer_norm(embedded(), (tower.width,))
+                found = torch.cat([found, words], dim=-1)  # (b, L, 2W)
             mask = tokens != _pad_id(self.tokenize)
-            features.append(hidden() * mask.unsqueeze(-1))
+            features.append(found * mask.unsqueeze(-1))
             masks.append(mask)
-        shape = self.text_token_shape
+        shape = text_feature_shape(self, word_embeddings)
         return TextTokens(
             self._concat(pooled, self.embed_dim),
             self._concat(features, *shape),
