@@ -93,8 +93,8 @@ Tokenize = Callable[[list[str]], torch.Tensor]  # captions -> (B, context_length
 class TextTokens(NamedTuple):
     pooled: torch.Tensor  # (B, E) float32 unit vectors, exactly what encode_text returns
     features: torch.Tensor  # (B, L, W) float32: the text tower's last hidden states after its
-    # final norm (before pooling and projection), with word embeddings their (B, L, 2W)
-    # concatenation with the word embeddings; L the context length; zeros at padding
+    # final norm (before pooling and projection); (B, L, 2W) with word embeddings, those states
+    # then each token's word embedding; L the context length; zeros at padding
     mask: torch.Tensor  # (B, L) bool, True at real tokens (start token, words, end token)
 
 
