@@ -332,9 +332,9 @@ def make_plan(
 def plan_differences(found: EncodingPlan, wanted: EncodingPlan) -> list[str]:
     """What differs between two plans, in words."""
     differences = []
+    features = (found.tokens, found.word_embeddings) != (wanted.tokens, wanted.word_embeddings)
     for field in dataclasses.fields(EncodingPlan):
         old, new = getattr(found, field.name), getattr(wanted, field.name)
-        features = (found.tokens, found.word_embeddings) != (wanted.tokens, wanted.word_embeddings)
         if old == new or (field.name in TOKEN_SHAPES and features):
             continue
         if field.name == "tokenizer_fingerprint":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -182,10 +183,11 @@ class CLIPEncoder(nn.Module):
         tower = text_tower(self.model)
         pooled, features, masks = [], [], []
         for tokens in self._tokens(captions, batch_size):
-            with (
-                captured_output(tower, tokens.shape[0]) as hidden,
-                captured_output(tower, tokens.shape[0], inputs=True) as embedded,
-            ):
+            batch = tokens.shape[0]
+            inputs = (
+                captured_output(tower, batch, inputs=True) if word_embeddings else nullcontext()
+            )
+            with captured_output(tower, batch) as hidden, inputs as embedded:
                 pooled.append(self._pooled_text(tokens))
             found = hidden()  # (b, L, W)
             if word_embeddings:
