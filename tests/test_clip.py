@@ -166,6 +166,42 @@ def test_trained_source_reloads_identically(trained_dir):
     assert from_run.embed_dim == 16 and from_run.config.vision_width == 16
 
 
+def test_a_convolutional_stem_lets_a_patch_see_past_its_border(tmp_path):
+    """The plain patch embedding reads its 8 x 8 pixels only; a stem's token also reads the
+    pixels just before its patch, and a CLIP with a stem saves and reloads like any other."""
+    image = random_images(1)
+    neighbour = image.clone()
+    neighbour[:, :, 3, 7] = -neighbour[:, :, 3, 7]  # the last column of the first patch
+    for stem, sees_it in ((0, False), (8, True)):
+        config = CLIPConfig(source="trained", **{**TINY_SMALL, "conv_stem": stem})
+        torch.manual_seed(0)
+        model = build_small_clip(config).eval()
+        with torch.no_grad():
+            second_patch = [model.visual.conv1(x)[:, :, 0, 1] for x in (image, neighbour)]
+        assert second_patch[0].shape == (1, config.vision_width)
+        assert (not torch.equal(*second_patch)) == sees_it
+        save_trained_clip(model, config, tmp_path / str(stem))
+        loaded = load_clip(CLIPConfig(source="trained", checkpoint=str(tmp_path / str(stem))))
+        assert loaded.config.conv_stem == stem
+        direct = CLIPEncoder(model, clip_tokenizer(config), ImagePreprocess.of(model), config, 16)
+        assert torch.equal(loaded.encode_image(image), direct.encode_image(image))
+
+
+def test_a_clip_saved_without_the_stem_setting_loads_without_a_stem(trained_dir, tmp_path):
+    before = load_clip(CLIPConfig(source="trained", checkpoint=str(trained_dir)))
+    old = tmp_path / "clip"
+    old.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (old / name).write_bytes((trained_dir / name).read_bytes())
+    config = json.loads((old / "config.json").read_text())
+    del config["conv_stem"]  # a CLIP folder written before the stem existed
+    (old / "config.json").write_text(json.dumps(config))
+    after = load_clip(CLIPConfig(source="trained", checkpoint=str(old)))
+    assert after.config.conv_stem == 0
+    images = random_images(2)
+    assert torch.equal(after.encode_image(images), before.encode_image(images))
+
+
 def test_fingerprint_changes_with_the_weights(trained_dir):
     encoder = load_clip(CLIPConfig(source="trained", checkpoint=str(trained_dir)))
     before = encoder.fingerprint()
@@ -229,6 +265,8 @@ def test_bad_inputs_raise_clear_errors(trained_dir):
         ({"source": "trained", "vision_layers": 0}, "vision_layers"),
         ({"source": "trained", "context_length": 2}, "context_length"),
         ({"source": "trained", "vision_pos_embed": "rope"}, "vision_pos_embed"),
+        ({"source": "trained", "image_size": 36, "patch_size": 6, "conv_stem": 8}, "power of two"),
+        ({"source": "trained", "conv_stem": -1}, "conv_stem"),
     ],
 )
 def test_bad_config_values_are_refused(fields, message):

@@ -8,10 +8,18 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_images, save_clip
+from helpers import TINY_SMALL, random_images, save_clip
 from safetensors.torch import save_file
 
-from generator.clip import CLIPConfig, CLIPEncoder, ImagePreprocess, load_clip, text_feature_shape
+from generator.clip import (
+    CLIPConfig,
+    CLIPEncoder,
+    ImagePreprocess,
+    build_small_clip,
+    load_clip,
+    save_trained_clip,
+    text_feature_shape,
+)
 
 CAPTIONS = ["a small red circle in the center on a white background", "a blue square", "x"]
 WORDS = [11, 3, 1]  # BPE tokens of each caption, start and end tokens not counted
@@ -71,6 +79,16 @@ def trained(tmp_path_factory) -> CLIPEncoder:
 
 
 @pytest.fixture(scope="module")
+def trained_stem(tmp_path_factory) -> CLIPEncoder:
+    """A small trained CLIP whose patches a convolutional stem embeds."""
+    directory = tmp_path_factory.mktemp("run") / "clip"
+    config = CLIPConfig(source="trained", **{**TINY_SMALL, "conv_stem": 8})
+    torch.manual_seed(0)
+    save_trained_clip(build_small_clip(config), config, directory)
+    return load_clip(CLIPConfig(source="trained", checkpoint=str(directory)))
+
+
+@pytest.fixture(scope="module")
 def pretrained(archs) -> CLIPEncoder:
     """source=pretrained through a zoo tag whose weights are already on disk."""
     zoo = open_clip.pretrained._PRETRAINED  # open_clip has no public API to add a tag
@@ -88,7 +106,7 @@ def vit_b_32() -> CLIPEncoder:
     return zoo_clip("ViT-B-32")
 
 
-@pytest.fixture(params=["trained", "file", "pretrained", "custom_text", "vit_b_32"])
+@pytest.fixture(params=["trained", "trained_stem", "file", "pretrained", "custom_text", "vit_b_32"])
 def encoder(request, archs) -> CLIPEncoder:
     if request.param == "file":
         return file_clip(archs, "tokens-vit")

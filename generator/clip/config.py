@@ -30,6 +30,7 @@ class CLIPConfig:
     embed_dim: int = 64
     image_size: int = 32  # CLIP's input size; the shapes images need no resize at 32
     patch_size: int = 8
+    conv_stem: int = 0  # > 0: a convolutional stem from this many channels embeds the patches
     vision_width: int = 128
     vision_layers: int = 3
     vision_heads: int = 4
@@ -78,6 +79,12 @@ class CLIPConfig:
                     f"clip.{tower}_width={width} is not divisible by clip.{tower}_heads={heads}: "
                     "choose a width that is a multiple of the head count."
                 )
+        if self.conv_stem < 0 or (self.conv_stem and self.patch_size & (self.patch_size - 1)):
+            raise ValueError(
+                f"clip.conv_stem={self.conv_stem} with clip.patch_size={self.patch_size}: the "
+                "stem halves the image until it is the patch grid, so use a patch size that is a "
+                "power of two (or conv_stem=0 for the plain patch embedding)."
+            )
         if self.vision_pos_embed not in POS_EMBEDS:
             raise ValueError(
                 f"clip.vision_pos_embed is {self.vision_pos_embed!r}: use one of {POS_EMBEDS}."

@@ -13,6 +13,7 @@ import open_clip
 
 from generator.clip.config import CONFIG_KIND, CLIPConfig
 from generator.clip.encoder import OPENAI_MEAN, OPENAI_STD, CLIPEncoder, ImagePreprocess
+from generator.clip.stem import ConvStem
 from tokenizer.base.configs import load_config, save_config
 from tokenizer.base.run_dir import CONFIG_FILE, WEIGHTS_FILE
 from tokenizer.base.weights import load_checked_model, save_weights
@@ -24,7 +25,8 @@ def clip_tokenizer(config: CLIPConfig) -> open_clip.SimpleTokenizer:
 
 
 def build_small_clip(config: CLIPConfig) -> open_clip.CLIP:
-    """open_clip's CLIP class at the config's size, vocabulary from open_clip's tokenizer."""
+    """open_clip's CLIP class at the config's size, vocabulary from open_clip's tokenizer, and the
+    convolutional stem in place of its patch embedding where the config asks for one."""
     vision = open_clip.CLIPVisionCfg(
         layers=config.vision_layers,
         width=config.vision_width,
@@ -41,6 +43,8 @@ def build_small_clip(config: CLIPConfig) -> open_clip.CLIP:
         layers=config.text_layers,
     )
     model = open_clip.CLIP(config.embed_dim, vision, text, init_logit_scale=math.log(1 / 0.07))
+    if config.conv_stem:
+        model.visual.conv1 = ConvStem(config.conv_stem, config.vision_width, config.patch_size)
     open_clip.set_model_preprocess_cfg(
         model,
         {
