@@ -1,6 +1,7 @@
 """Generator evaluation: do the images follow the prompt, and do variations keep their source?
 
-Text to image, sampled with classifier-free guidance and without (cfg_scale = 1):
+Text to image, sampled with classifier-free guidance and (unless `unguided` is false) without
+it (cfg_scale = 1):
 - CLIP score, for any dataset: the mean cosine between each sample's CLIP image embedding and
   its prompt's text embedding; and a Fréchet distance between samples and the real images the
   prompts describe, in CLIP image-feature space.
@@ -54,6 +55,7 @@ class GenerationEvalConfig:
     variations_per_source: int = 4
     keep_rows: int = 0
     seed: int = 0
+    unguided: bool = True  # also sample every prompt without guidance (cfg_scale 1)
 
     def __post_init__(self) -> None:
         least = {
@@ -113,7 +115,7 @@ class VariationScores:
 class GeneratorMetrics:
     settings: GenerationEvalConfig  # how the samples were drawn: guidance, temperature, rerank...
     with_cfg: GuidanceResults | None  # None where the config's cfg_scale is 1
-    without_cfg: GuidanceResults
+    without_cfg: GuidanceResults | None  # None where the config says unguided=false
     variations: VariationScores | None  # None with num_sources = 0
 
 
@@ -351,11 +353,13 @@ def evaluate_generator(
     config: GenerationEvalConfig,
     use_checker: bool,
 ) -> GeneratorMetrics:
-    """Text to image with and without guidance, then variations of `sources` (S, 3, H, W)."""
-    with_cfg = None
+    """Text to image with guidance and without (unless the config says unguided=false), then
+    variations of `sources` (S, 3, H, W)."""
+    with_cfg = without_cfg = None
     if config.cfg_scale != 1:
         with_cfg = evaluate_guidance(pipeline, prompts, config, config.cfg_scale, use_checker)
-    without_cfg = evaluate_guidance(pipeline, prompts, config, 1.0, use_checker)
+    if config.unguided or config.cfg_scale == 1:
+        without_cfg = evaluate_guidance(pipeline, prompts, config, 1.0, use_checker)
     variations = None
     if sources.shape[0]:
         variations = evaluate_variations(pipeline, sources, config, use_checker)

@@ -348,6 +348,12 @@ def test_evaluation_scores_right_images_as_right(pipeline):
             assert accuracy.accuracy == accuracy.shape == accuracy.position == 1.0
     assert metrics.variations.consistency == 1.0 and metrics.variations.diversity == 0.0
     assert metrics.variations.clip_similarity == pytest.approx(1.0, abs=1e-5)
+    no_unguided = replace(config, unguided=False, num_sources=0)
+    metrics = evaluate_generator(oracle, prompts, shapes_sources(dataset, 0), no_unguided, True)
+    assert metrics.without_cfg is None and metrics.with_cfg.cfg_scale == 3.0
+    only_run = replace(no_unguided, cfg_scale=1.0)  # guidance off: the one run is the unguided one
+    metrics = evaluate_generator(oracle, prompts, shapes_sources(dataset, 0), only_run, True)
+    assert metrics.with_cfg is None and metrics.without_cfg.cfg_scale == 1.0
 
 
 def drawn(obj: ShapeObject) -> torch.Tensor:
