@@ -1,6 +1,7 @@
 """CLIP through open_clip: three sources, one interface; batches, training and export."""
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import TINY_SMALL, random_images
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from generator.clip import (
@@ -272,6 +274,14 @@ def test_bad_inputs_raise_clear_errors(trained_dir):
 def test_bad_config_values_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         CLIPConfig(**fields)
+
+
+@pytest.mark.parametrize("preset", ["shapes", "tiny", "pictures"])
+def test_every_setting_of_the_small_clip_is_in_each_of_its_presets(preset):
+    """So that `clip.<field>=...` overrides any of them; Hydra refuses a key the preset lacks."""
+    zoo_only = {"model_name", "pretrained", "cache_dir", "quick_gelu"}
+    fields = {field.name for field in dataclasses.fields(CLIPConfig)} - zoo_only
+    assert fields <= set(OmegaConf.load(ROOT / "conf" / "clip" / f"{preset}.yaml"))
 
 
 def test_bad_names_and_paths_say_what_to_do(tiny_arch, tmp_path):

@@ -11,6 +11,7 @@ Better", https://arxiv.org/abs/2106.14881).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -29,5 +30,5 @@ class ConvStem(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.out_channels = width
 
-    def forward(self, images):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.layers(images)
