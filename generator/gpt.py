@@ -64,7 +64,7 @@ class GPTConfig:
     word_embeddings: bool = False  # they hold CLIP's word embeddings too; from the shards
     num_latents: int = 8  # resampler: latents, each one prefix token
     cross_attention_every: int = 2  # deep: a gated cross-attention block before every k-th block
-    p_drop_tokens: float = 0.0  # probability, in training, of the token features alone dropped
+    p_drop_tokens: float = 0.1  # probability, in training, of the token features alone dropped
 
     def __post_init__(self) -> None:
         sizes = {

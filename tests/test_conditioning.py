@@ -185,7 +185,7 @@ def test_train_generator_reads_token_features_from_the_shards(tmp_path, fusion, 
         "train_generator.py",
         f"run_dir={run_dir}",
         "generator=tiny",
-        f"+generator.fusion={fusion}",
+        f"generator.fusion={fusion}",
         "trainer.max_steps=2",
         "data.batch_size=4",
         "data.num_workers=0",
@@ -208,7 +208,7 @@ def test_train_generator_reads_token_features_from_the_shards(tmp_path, fusion, 
 def test_train_generator_says_when_the_shards_lack_token_features(tmp_path):
     run_dir = make_encoded_run(tmp_path / "run")  # encoded without tokens
     result = run_script(
-        "train_generator.py", f"run_dir={run_dir}", "generator=tiny", "+generator.fusion=early"
+        "train_generator.py", f"run_dir={run_dir}", "generator=tiny", "generator.fusion=early"
     )
     assert result.returncode == 1
     assert "tokens=true" in result.stderr and "Traceback" not in result.stderr

@@ -248,6 +248,8 @@ def test_resume_follows_an_ema_switch_and_refuses_other_shards():
 def test_generator_configs_are_the_presets_and_never_type_the_sizes(name):
     config = OmegaConf.load(ROOT / "conf" / "generator" / f"{name}.yaml")
     assert not {"vocab_size", "grid_size", "clip_dim"} & set(config)
+    conditioning = {"fusion", "num_latents", "cross_attention_every", "p_drop_tokens"}
+    assert conditioning <= set(config)  # Hydra refuses `generator.fusion=...` for a missing key
     built = instantiate(config, vocab_size=VOCAB, grid_size=GRID, clip_dim=CLIP_DIM)
     assert built == GPTConfig.preset(name, vocab_size=VOCAB, grid_size=GRID, clip_dim=CLIP_DIM)
 
