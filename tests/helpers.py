@@ -185,6 +185,15 @@ def save_tokenizer(run_dir: Path, seed: int = 0) -> VQGAN:
     return vqgan
 
 
+def save_small_clip(directory: Path, **fields) -> CLIPConfig:
+    """A small trained-source CLIP at test size (TINY_SMALL with `fields` changed), randomly
+    initialised from seed 0 and written into `directory` as train_clip.py writes RUN/clip."""
+    config = CLIPConfig(source="trained", **{**TINY_SMALL, **fields})
+    torch.manual_seed(0)
+    save_trained_clip(build_small_clip(config), config, directory)
+    return config
+
+
 def save_clip(run_dir: Path, seed: int = 0) -> None:
     """RUN/clip: conf/clip/tiny.yaml's CLIP, randomly initialised."""
     config = instantiate(OmegaConf.load(CONF / "clip" / "tiny.yaml"), _convert_="all")

@@ -12,7 +12,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_SMALL, random_images
+from helpers import TINY_SMALL, random_images, save_small_clip
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
@@ -83,10 +83,8 @@ def register_tag(monkeypatch, arch: str, tag: str, tag_config: dict) -> None:
 
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = CLIPConfig(source="trained", **TINY_SMALL)
     directory = tmp_path_factory.mktemp("run") / "clip"
-    save_trained_clip(build_small_clip(config), config, directory)
+    save_small_clip(directory)
     return directory
 
 
@@ -175,14 +173,13 @@ def test_a_convolutional_stem_lets_a_patch_see_past_its_border(tmp_path):
     neighbour = image.clone()
     neighbour[:, :, 3, 7] = -neighbour[:, :, 3, 7]  # the last column of the first patch
     for stem, sees_it in ((0, False), (8, True)):
-        config = CLIPConfig(source="trained", **{**TINY_SMALL, "conv_stem": stem})
+        config = save_small_clip(tmp_path / str(stem), conv_stem=stem)
         torch.manual_seed(0)
-        model = build_small_clip(config).eval()
+        model = build_small_clip(config).eval()  # the weights just saved
         with torch.no_grad():
             second_patch = [model.visual.conv1(x)[:, :, 0, 1] for x in (image, neighbour)]
         assert second_patch[0].shape == (1, config.vision_width)
         assert (not torch.equal(*second_patch)) == sees_it
-        save_trained_clip(model, config, tmp_path / str(stem))
         loaded = load_clip(CLIPConfig(source="trained", checkpoint=str(tmp_path / str(stem))))
         assert loaded.config.conv_stem == stem
         direct = CLIPEncoder(model, clip_tokenizer(config), ImagePreprocess.of(model), config, 16)

@@ -8,18 +8,10 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_SMALL, random_images, save_clip
+from helpers import random_images, save_clip, save_small_clip
 from safetensors.torch import save_file
 
-from generator.clip import (
-    CLIPConfig,
-    CLIPEncoder,
-    ImagePreprocess,
-    build_small_clip,
-    load_clip,
-    save_trained_clip,
-    text_feature_shape,
-)
+from generator.clip import CLIPConfig, CLIPEncoder, ImagePreprocess, load_clip, text_feature_shape
 
 CAPTIONS = ["a small red circle in the center on a white background", "a blue square", "x"]
 WORDS = [11, 3, 1]  # BPE tokens of each caption, start and end tokens not counted
@@ -82,9 +74,7 @@ def trained(tmp_path_factory) -> CLIPEncoder:
 def trained_stem(tmp_path_factory) -> CLIPEncoder:
     """A small trained CLIP whose patches a convolutional stem embeds."""
     directory = tmp_path_factory.mktemp("run") / "clip"
-    config = CLIPConfig(source="trained", **{**TINY_SMALL, "conv_stem": 8})
-    torch.manual_seed(0)
-    save_trained_clip(build_small_clip(config), config, directory)
+    save_small_clip(directory, conv_stem=8)
     return load_clip(CLIPConfig(source="trained", checkpoint=str(directory)))
 
 
