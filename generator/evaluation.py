@@ -51,6 +51,7 @@ class GenerationEvalConfig:
     top_k: int | None = None
     top_p: float | None = None
     rerank: int = 0  # candidates per image; the one CLIP finds closest to its prompt or source
+    variation_rerank: int | None = None  # candidates per variation where other than rerank
     num_sources: int = 50  # source images for variations; 0 skips them
     variations_per_source: int = 4
     keep_rows: int = 0
@@ -65,6 +66,7 @@ class GenerationEvalConfig:
             "variations_per_source": (self.variations_per_source, 2),
             "keep_rows": (self.keep_rows, 0),
             "rerank": (self.rerank, 0),
+            "variation_rerank": (self.variation_rerank or 0, 0),
         }
         for name, (value, minimum) in least.items():
             if value < minimum:
@@ -317,6 +319,8 @@ def evaluate_variations(
     """Variations of each source: kept attributes, diversity and CLIP similarity."""
     per_source = config.variations_per_source
     options = SamplingOptions.from_settings(asdict(config))
+    if config.variation_rerank is not None:
+        options = replace(options, rerank=config.variation_rerank)
     varied = pipeline.variations(sources, per_source, options, keep_rows=config.keep_rows)
     consistency = by_source = None
     if use_checker:

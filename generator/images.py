@@ -7,6 +7,7 @@ written atomically, so a killed run leaves whole PNGs or none.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import warnings
@@ -19,16 +20,25 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from tokenizer.base.files import atomic_write
+from tokenizer.base.files import atomic_write, atomic_write_text
 from tokenizer.data import load_rgb, to_rgb
 
 MAX_PIXELS = 1 << 27  # Pillow's decompression-bomb limit, as for the datasets
 MAX_SLUG_LENGTH = 60
+PROMPTS_FILE = "prompts.json"  # beside text-to-image samples: the prompt of each row
 
 
 class SavedImages(NamedTuple):
     grid: Path
     singles: list[Path]
+
+
+class PromptedImages(NamedTuple):
+    """Text-to-image samples: `per_prompt` images for each prompt, prompt by prompt."""
+
+    prompts: list[str]  # (P,)
+    images: torch.Tensor  # (P * per_prompt, 3, H, W) in [0, 1]
+    per_prompt: int
 
 
 def read_image(path: str | Path) -> torch.Tensor:
@@ -95,6 +105,38 @@ def save_images(
     singles = [save_png(directory / f"{name}.png", image) for name, image in pairs]
     grid = torchvision.utils.make_grid(images.float().cpu(), nrow=per_row, padding=2, pad_value=1)
     return SavedImages(save_png(directory / "grid.png", grid), singles)
+
+
+def save_prompted_images(directory: str | Path, samples: PromptedImages) -> SavedImages:
+    """The samples as save_images writes them (a row per prompt), and their prompts in
+    `directory/prompts.json`, so that the folder can be read back by `read_prompted_images`."""
+    names = grid_names(len(samples.prompts), samples.per_prompt)
+    saved = save_images(directory, samples.images, names, per_row=samples.per_prompt)
+    listing = {"prompts": samples.prompts, "per_prompt": samples.per_prompt}
+    atomic_write_text(Path(directory) / PROMPTS_FILE, json.dumps(listing, indent=2) + "\n")
+    return saved
+
+
+def read_prompted_images(directory: str | Path) -> PromptedImages:
+    """The samples `save_prompted_images` wrote to `directory`."""
+    directory = Path(directory)
+    listing_file = directory / PROMPTS_FILE
+    if not listing_file.is_file():
+        raise FileNotFoundError(
+            f"{directory} has no {PROMPTS_FILE}: point to a folder that scripts/sample.py wrote "
+            "(its out=), or run it there again."
+        )
+    listing = json.loads(listing_file.read_text())
+    prompts, per_prompt = listing["prompts"], listing["per_prompt"]
+    files = [directory / f"{name}.png" for name in grid_names(len(prompts), per_prompt)]
+    missing = [file.name for file in files if not file.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory} lacks {missing[0]} of its samples: run scripts/sample.py with "
+            f"out={directory} again."
+        )
+    images = torch.stack([(read_image(file) + 1) / 2 for file in files])
+    return PromptedImages(prompts, images, per_prompt)
 
 
 def slugify(text: str, fallback: str = "sample") -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from generator.images import to_uint8
+from generator.images import PromptedImages, read_prompted_images, to_uint8
 from generator.pipeline import DEFAULT_OPTIONS, Pipeline
 from generator.report_tables import format_value, sections
 from generator.sampling import SamplingOptions
@@ -146,17 +146,11 @@ def verdict(image: torch.Tensor, prompt: str) -> str:
     return '<span class="bad">&#10007; does not match</span>'
 
 
-def text_to_image_section(
-    pipeline: Pipeline,
-    prompts: Sequence[str],
-    num_images: int,
-    options: SamplingOptions,
-    use_checker: bool = True,
-) -> str:
-    generated = pipeline.text_to_image(list(prompts), num_images, options)
+def text_to_image_section(samples: PromptedImages, use_checker: bool = True) -> str:
     rows = []
-    for index, prompt in enumerate(prompts):
-        images = generated.images[index * num_images : (index + 1) * num_images]
+    per_prompt = samples.per_prompt
+    for index, prompt in enumerate(samples.prompts):
+        images = samples.images[index * per_prompt : (index + 1) * per_prompt]
         figures = "".join(
             image_tag(image, verdict(image, prompt) if use_checker else "") for image in images
         )
@@ -238,11 +232,15 @@ def write_report(
     options: SamplingOptions = DEFAULT_OPTIONS,
     device: str | torch.device = "cpu",
     use_checker: bool = True,
+    samples_from: str | Path | None = None,
+    variation_options: SamplingOptions | None = None,
 ) -> Path:
     """Write RUN/report.html from what the run directory holds; `test_images` (B, 3, H, W) in
     [-1, 1] are the originals to reconstruct, the first `num_sources` also varied, both sampled
     with `options`. `use_checker` puts the shapes checker's verdict under each sample (shapes
-    data only)."""
+    data only). With `samples_from`, a folder scripts/sample.py wrote, its samples are shown
+    under their prompts instead of sampling `prompts`. Variations are sampled with
+    `variation_options` where given."""
     run_dir, run = Path(run_dir), RunDir(run_dir)
     results = read_results(run)
     parts = [("Evaluation", evaluation_section(results))]
@@ -253,10 +251,15 @@ def write_report(
         parts.append(("Originals and reconstructions", missing("tokenizer", "train_tokenizer")))
     if weights_file(run.generator).is_file():
         pipeline = Pipeline.from_run_dir(run_dir, device=device)
-        samples = text_to_image_section(pipeline, prompts, num_images, options, use_checker)
-        parts.append(("Text to image", samples))
+        if samples_from is not None:
+            samples = read_prompted_images(samples_from)
+        else:
+            generated = pipeline.text_to_image(list(prompts), num_images, options)
+            samples = PromptedImages(list(prompts), generated.images, num_images)
+        parts.append(("Text to image", text_to_image_section(samples, use_checker)))
         sources = test_images[:num_sources]
-        parts.append(("Variations", variations_section(pipeline, sources, num_images, options)))
+        varied = variations_section(pipeline, sources, num_images, variation_options or options)
+        parts.append(("Variations", varied))
     else:
         for title in ("Text to image", "Variations"):
             parts.append((title, missing("generator", "train_generator")))

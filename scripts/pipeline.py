@@ -14,8 +14,6 @@ import csv
 import json
 import math
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +27,7 @@ from generator.shards import MANIFEST_FILE
 from tokenizer.base.cli import run_command
 from tokenizer.base.files import atomic_write_text
 from tokenizer.base.run_dir import RunDir
+from tokenizer.base.side_by_side import Finished, Job, run_side_by_side, script_command
 
 SCRIPTS = Path(__file__).resolve().parent
 PLAIN_VALUE = re.compile(r"[\w./:+-]+")
@@ -181,27 +180,6 @@ def read_state(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run_stage(script: str, arguments: list[str], log_file: Path) -> str:
-    """Run scripts/<script>.py; its stderr (progress bars) goes to the terminal, its stdout to
-    the terminal and to `log_file`. Returns the stdout."""
-    command = [sys.executable, str(SCRIPTS / f"{script}.py"), *arguments]
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1) as process:
-        for line in process.stdout:
-            print(line, end="", flush=True)
-            lines.append(line)
-    stdout = "".join(lines)
-    atomic_write_text(log_file, stdout)
-    if process.returncode != 0:
-        raise SystemExit(
-            f"\nThe {script} stage failed (exit code {process.returncode}); its output is above "
-            f"and in {log_file}. Fix the cause and run the same command again: finished stages "
-            "are reused and training resumes from its last checkpoint."
-        )
-    return stdout
-
-
 def stage_arguments(cfg: DictConfig, stage: DictConfig) -> list[str]:
     arguments = [f"run_dir={cfg.run_dir}"] if stage.get("run_dir", True) else []
     if stage.get("data", False):
@@ -214,6 +192,107 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
+def stage_groups(stages: dict[str, DictConfig]) -> list[list[str]]:
+    """The stages in order, in groups that run at the same time: a stage set `beside` a stage
+    of the group just before it joins that group."""
+    groups: list[list[str]] = []
+    for name, stage in stages.items():
+        beside = stage.get("beside")
+        if beside is None:
+            groups.append([name])
+        elif groups and beside in groups[-1]:
+            groups[-1].append(name)
+        else:
+            raise ValueError(
+                f"stages.{name}.beside={beside}: a stage can only run beside the stage just "
+                f"before it; put {name} right after {beside} or remove its beside."
+            )
+    return groups
+
+
+class StageRunner:
+    """The stages of one pipeline run: which to reuse, how to start the others, and what each
+    finished one leaves in RUN/pipeline.json."""
+
+    def __init__(self, cfg: DictConfig, stages: dict[str, DictConfig]) -> None:
+        self.cfg, self.stages = cfg, stages
+        self.run_dir, self.run = Path(cfg.run_dir), RunDir(cfg.run_dir)
+        self.state = read_state(self.run_dir)
+        self.numbers = {name: f"[{n}/{len(stages)}]" for n, name in enumerate(stages, start=1)}
+
+    def reusable(self, name: str, earlier_reran: bool) -> bool:
+        """Finished before with the same settings, its output still there, and nothing it
+        reads run again since."""
+        stage, done = self.stages[name], self.state.get(name, {})
+        reads_run = stage.get("run_dir", True)  # a stage that does not, needs no earlier one
+        return (
+            not (earlier_reran and reads_run)
+            and done.get("arguments") == stage_arguments(self.cfg, stage)
+            and (self.run_dir / stage.output).exists()
+        )
+
+    def reused_line(self, name: str) -> str:
+        return f"{self.numbers[name]} {name:<11} reused   {self.state[name]['headline']}"
+
+    def job(self, name: str, beside: str | None) -> Job:
+        """The stage as a job, its command line printed (and where its output goes when it
+        runs beside another stage)."""
+        stage, arguments = self.stages[name], stage_arguments(self.cfg, self.stages[name])
+        log_file = self.run.logs("pipeline") / f"{name}.log"
+        where = f" (beside {beside}; its output goes to {log_file})" if beside else ""
+        command = f"python scripts/{stage.script}.py {' '.join(arguments)}"
+        print(f"\n{self.numbers[name]} {name}: {command}{where}", flush=True)
+        return Job(name, script_command(SCRIPTS / f"{stage.script}.py", arguments), log_file)
+
+    def record(self, finished: Finished) -> str:
+        """Keep a finished stage's arguments, time and headline; returns its summary line."""
+        name, stage = finished.name, self.stages[finished.name]
+        headline = HEADLINES.get(stage.script, lambda *_: "done")(self.run, finished.stdout)
+        self.state[name] = {
+            "arguments": stage_arguments(self.cfg, stage),
+            "seconds": round(finished.seconds, 1),
+            "headline": headline,
+        }
+        atomic_write_text(self.run.pipeline_state, json.dumps(self.state, indent=2) + "\n")
+        return f"{self.numbers[name]} {name:<11} {_clock(finished.seconds):>7}  {headline}"
+
+    def run_group(self, group: list[str], earlier_reran: bool) -> tuple[list[str], bool]:
+        """Run the group's stages that cannot be reused, side by side; returns the group's
+        summary lines and whether any stage ran. A failed stage stops the pipeline once the
+        others of its group have ended."""
+        lines, jobs = {}, []
+        for name in group:
+            if self.reusable(name, earlier_reran):
+                lines[name] = self.reused_line(name)
+            else:
+                jobs.append(self.job(name, beside=jobs[0].name if jobs else None))
+        failed = []
+        for finished in run_side_by_side(jobs) if jobs else []:
+            if finished.returncode == 0:
+                lines[finished.name] = self.record(finished)
+            else:
+                failed.append(
+                    f"\nThe {finished.name} stage failed (exit code {finished.returncode}); its "
+                    f"output is in {self.run.logs('pipeline')}/{finished.name}.log*. Fix the "
+                    "cause and run the same command again: finished stages are reused and "
+                    "training resumes from its last checkpoint."
+                )
+        if failed:
+            raise SystemExit("\n".join(failed))
+        return [lines[name] for name in group], bool(jobs)
+
+
+def chosen_stages(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The experiment's stages, up to `stop_after` where it is set."""
+    stages = {name: stage for name, stage in cfg.stages.items() if stage is not None}
+    if cfg.stop_after is None:
+        return stages
+    if cfg.stop_after not in stages:
+        raise SystemExit(f"stop_after={cfg.stop_after} is not a stage: use one of {list(stages)}.")
+    names = list(stages)
+    return {name: stages[name] for name in names[: names.index(cfg.stop_after) + 1]}
+
+
 def run_pipeline(cfg: DictConfig) -> None:
     unset = [key for key in cfg if OmegaConf.is_missing(cfg, key)]
     if unset:
@@ -221,55 +300,20 @@ def run_pipeline(cfg: DictConfig) -> None:
             f"This experiment needs {', '.join(unset)}: add it to the command, e.g. "
             f"{unset[0]}=/path/to/your/pictures."
         )
-    run_dir, run = Path(cfg.run_dir), RunDir(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = read_state(run_dir)
-    stages = {name: stage for name, stage in cfg.stages.items() if stage is not None}
-    if cfg.stop_after is not None:
-        if cfg.stop_after not in stages:
-            raise SystemExit(
-                f"stop_after={cfg.stop_after} is not a stage: use one of {list(stages)}."
-            )
-        names = list(stages)
-        stages = {name: stages[name] for name in names[: names.index(cfg.stop_after) + 1]}
-    rerun_from_here = False
-    summary = []
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    stages = chosen_stages(cfg)
+    runner = StageRunner(cfg, stages)
+    reran, summary = False, []
     start = time.monotonic()
-    for number, (name, stage) in enumerate(stages.items(), start=1):
-        arguments = stage_arguments(cfg, stage)
-        done = state.get(name, {})
-        reads_run = stage.get("run_dir", True)  # a stage that does not, needs no earlier one
-        reuse = (
-            not (rerun_from_here and reads_run)
-            and done.get("arguments") == arguments
-            and (run_dir / stage.output).exists()
-        )
-        if reuse:
-            line = f"[{number}/{len(stages)}] {name:<11} reused   {done['headline']}"
-        else:
-            print(
-                f"\n[{number}/{len(stages)}] {name}: python scripts/{stage.script}.py "
-                + " ".join(arguments),
-                flush=True,
-            )
-            began = time.monotonic()
-            stdout = run_stage(stage.script, arguments, run.logs("pipeline") / f"{name}.log")
-            seconds = time.monotonic() - began
-            headline = HEADLINES.get(stage.script, lambda *_: "done")(run, stdout)
-            state[name] = {
-                "arguments": arguments,
-                "seconds": round(seconds, 1),
-                "headline": headline,
-            }
-            atomic_write_text(run.pipeline_state, json.dumps(state, indent=2) + "\n")
-            rerun_from_here = True
-            line = f"[{number}/{len(stages)}] {name:<11} {_clock(seconds):>7}  {headline}"
-        print(line, flush=True)
-        summary.append(line)
+    for group in stage_groups(stages):
+        lines, ran = runner.run_group(group, reran)
+        reran = reran or ran
+        print("\n".join(lines), flush=True)
+        summary += lines
     print(f"\nPipeline finished in {_clock(time.monotonic() - start)}:")
     print("\n".join(summary))
-    print(f"Pictures: {run.samples}, {run.variations}")
-    print(f"Report:   {run.report_file}")
+    print(f"Pictures: {runner.run.samples}, {runner.run.variations}")
+    print(f"Report:   {runner.run.report_file}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")

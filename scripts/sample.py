@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from generator.held_out import held_out_prompts, run_data_config
-from generator.images import grid_names, output_dir, save_images
+from generator.images import PromptedImages, output_dir, save_prompted_images
 from generator.pipeline import DEFAULT_OPTIONS, Pipeline, resolve_device
 from generator.sampling import SamplingOptions
 from tokenizer.base.cli import run_command
@@ -69,8 +69,8 @@ def sample(cfg: DictConfig) -> None:
     generated = pipeline.text_to_image(prompts, cfg.num_images, options)
     name = generated.prompts[0] + (f" and {len(prompts) - 1} more" if len(prompts) > 1 else "")
     directory = Path(cfg.out) if cfg.out else output_dir(RunDir(run_dir).samples, name, cfg.seed)
-    names = grid_names(len(prompts), cfg.num_images)
-    saved = save_images(directory, generated.images, names, per_row=cfg.num_images)
+    samples = PromptedImages(generated.prompts[:: cfg.num_images], generated.images, cfg.num_images)
+    saved = save_prompted_images(directory, samples)
     print(saved.grid)
     print("\n".join(map(str, saved.singles)))
 

@@ -1,0 +1,59 @@
+"""Scripts side by side: both run at once, each on its share of the cores, the first in the
+terminal and the others into their log files; a failure is reported, never lost."""
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import load_script
+
+from tokenizer.base.side_by_side import Job, available_cores, run_side_by_side, shared_environment
+
+# Prints its thread count, writes a progress line to stderr, sleeps, then exits with argv[2].
+CHILD = (
+    "import os, sys, time; print('threads', os.environ.get('OMP_NUM_THREADS')); "
+    "print('progress', file=sys.stderr); time.sleep(float(sys.argv[1])); sys.exit(int(sys.argv[2]))"
+)
+
+
+def job(tmp_path: Path, name: str, seconds: float, exit_code: int = 0) -> Job:
+    command = [sys.executable, "-c", CHILD, str(seconds), str(exit_code)]
+    return Job(name, command, tmp_path / "logs" / f"{name}.log")
+
+
+def test_jobs_run_at_once_each_on_its_share_of_the_cores(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    began = time.monotonic()
+    first, second = run_side_by_side([job(tmp_path, "a", 1.5), job(tmp_path, "b", 1.5)])
+    assert time.monotonic() - began < 2.8  # one after the other would take 3 s
+    assert (first.name, first.returncode, second.name, second.returncode) == ("a", 0, "b", 0)
+    assert first.stdout == second.stdout == "threads 2\n"
+    assert 1.4 < first.seconds < 2.8 and 1.4 < second.seconds < 2.8
+    shown = capsys.readouterr().out
+    assert "threads 2" in shown and shown.count("threads") == 1  # only the first's, on the terminal
+    assert (tmp_path / "logs" / "a.log").read_text() == "threads 2\n"
+    assert (tmp_path / "logs" / "b.log").read_text() == "threads 2\n"
+    assert (tmp_path / "logs" / "b.log.stderr").read_text() == "progress\n"
+
+
+def test_a_job_alone_keeps_the_environment_as_it_is(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert shared_environment(1) is None
+    (alone,) = run_side_by_side([job(tmp_path, "a", 0)])
+    assert alone.stdout == "threads None\n"
+    assert shared_environment(2)["OMP_NUM_THREADS"] == str(max(1, available_cores() // 2))
+
+
+def test_a_failed_job_is_reported_after_the_other_ends(tmp_path):
+    first, second = run_side_by_side([job(tmp_path, "a", 0, exit_code=3), job(tmp_path, "b", 1)])
+    assert (first.returncode, second.returncode) == (3, 0)
+    assert second.seconds >= 0.9  # it was waited for, not killed
+
+
+def test_pipeline_groups_a_stage_with_the_one_it_runs_beside():
+    stage_groups = load_script("pipeline.py").stage_groups
+    stages = {"tokenizer": {}, "clip": {"beside": "tokenizer"}, "encode": {}, "extra": {}}
+    assert stage_groups(stages) == [["tokenizer", "clip"], ["encode"], ["extra"]]
+    with pytest.raises(ValueError, match="stages.encode.beside=tokenizer: a stage can only run"):
+        stage_groups({"tokenizer": {}, "clip": {}, "encode": {"beside": "tokenizer"}})

@@ -1,0 +1,118 @@
+"""Scripts run as child processes, one at a time or several side by side on shared cores.
+
+The first script of a group keeps the terminal: its stdout is shown and kept, its stderr
+(progress bars) shown. The others write stdout to their log file and stderr beside it
+(`<log>.stderr`), so that two progress bars never fight over one line. Side by side, each
+gets an equal share of the cores through OMP_NUM_THREADS, which torch reads when it starts:
+two trainings of one thread each, rather than two of two threads spinning against each other
+on the same two cores. One thread per process also keeps each run deterministic, whatever
+the other one does.
+"""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from tokenizer.base.files import atomic_write_text
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class Job(NamedTuple):
+    """A script to run: scripts/<script>.py with its arguments, its stdout kept in log_file."""
+
+    name: str
+    command: list[str]
+    log_file: Path
+
+
+class Finished(NamedTuple):
+    name: str
+    returncode: int
+    stdout: str
+    seconds: float
+
+
+def available_cores() -> int:
+    """The cores this process may use: OMP_NUM_THREADS where the user set it, else the CPU
+    affinity (what a container or taskset allows), else the machine's count."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def shared_environment(count: int) -> dict[str, str] | None:
+    """The environment of `count` processes side by side: the cores split evenly (at least one
+    thread each). None (the environment as it is) for a process alone."""
+    if count == 1:
+        return None
+    threads = str(max(1, available_cores() // count))
+    return {**os.environ, **dict.fromkeys(THREAD_VARIABLES, threads)}
+
+
+def script_command(script: Path, arguments: Sequence[str]) -> list[str]:
+    return [sys.executable, str(script), *arguments]
+
+
+class QuietProcess:
+    """A job whose stdout goes to its log file and stderr beside it, timed to its exit."""
+
+    def __init__(self, job: Job, environment: dict[str, str] | None) -> None:
+        self.job = job
+        job.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.began, self.ended = time.monotonic(), 0.0
+        stderr_file = job.log_file.with_name(job.log_file.name + ".stderr")
+        with job.log_file.open("w") as stdout, stderr_file.open("w") as stderr:
+            self.process = subprocess.Popen(
+                job.command, stdout=stdout, stderr=stderr, env=environment, text=True
+            )
+        self.watcher = threading.Thread(target=self._wait, daemon=True)
+        self.watcher.start()
+
+    def _wait(self) -> None:
+        self.process.wait()
+        self.ended = time.monotonic()
+
+    def finish(self) -> Finished:
+        self.watcher.join()
+        stdout = self.job.log_file.read_text()
+        return Finished(self.job.name, self.process.returncode, stdout, self.ended - self.began)
+
+
+def run_in_terminal(job: Job, environment: dict[str, str] | None) -> Finished:
+    """Run a job with its stderr on the terminal and its stdout on the terminal and kept."""
+    job.log_file.parent.mkdir(parents=True, exist_ok=True)
+    began, lines = time.monotonic(), []
+    with subprocess.Popen(
+        job.command, stdout=subprocess.PIPE, text=True, bufsize=1, env=environment
+    ) as process:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            lines.append(line)
+    stdout = "".join(lines)
+    atomic_write_text(job.log_file, stdout)
+    return Finished(job.name, process.returncode, stdout, time.monotonic() - began)
+
+
+def run_side_by_side(jobs: Sequence[Job]) -> list[Finished]:
+    """Run the jobs at the same time, the first in the terminal, each on its share of the
+    cores; returns when all have ended, in the jobs' order, failed ones included."""
+    environment = shared_environment(len(jobs))
+    quiet = [QuietProcess(job, environment) for job in jobs[1:]]
+    try:
+        first = run_in_terminal(jobs[0], environment)
+        for process in quiet:
+            if process.process.poll() is None:
+                print(f"Waiting for {process.job.name} (output in {process.job.log_file})")
+        return [first, *(process.finish() for process in quiet)]
+    except BaseException:
+        for process in quiet:
+            process.process.terminate()
+        raise
