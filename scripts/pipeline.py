@@ -8,6 +8,12 @@ a subprocess with the settings the experiment config gives it, so its progress b
 goes. After each stage one line tells its time and its headline number. A stage that finished
 before with the same settings, and whose output is still there, is reused; once a stage runs
 again, every later stage that reads the run directory runs again too. The state lives in RUN/pipeline.json.
+
+A stage set `beside: <the stage before it>` does not read that stage's output and runs at the
+same time, the cores split between them (tokenizer/base/side_by_side.py); its output goes to
+RUN/logs/pipeline/<stage>.log and <stage>.log.stderr. Two trainings of about the same length,
+on one core each, end sooner than one after the other on two: small models use two cores less
+than twice as well as one.
 """
 
 import csv

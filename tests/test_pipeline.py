@@ -1,5 +1,6 @@
 """The pipeline over a whole run directory: loading, text to image, variations, the scripts."""
 
+import base64
 import dataclasses
 import json
 import shutil
@@ -36,6 +37,7 @@ from generator.evaluation import (
     shapes_sources,
 )
 from generator.export import Provenance, RunMismatchError, load_generator
+from generator.images import read_prompted_images, to_uint8
 from generator.pipeline import (
     DEFAULT_OPTIONS,
     Generated,
@@ -386,6 +388,25 @@ def test_variation_consistency_is_split_by_the_source_pair(pipeline):
     assert scores.consistency == pytest.approx(4 / 6)
 
 
+def test_variations_take_their_own_number_of_candidates_where_set(pipeline):
+    sources = torch.stack([drawn(ShapeObject("circle", "red", "large", "center"))])
+    drawn_with = []
+
+    class Recording(OraclePipeline):
+        def variations(self, sources, num_images, options=None, keep_rows=0) -> Variations:
+            drawn_with.append(options.rerank)
+            return super().variations(sources, num_images, options, keep_rows)
+
+    recording = Recording(pipeline.clip, {})
+    config = GenerationEvalConfig(variations_per_source=2, rerank=48)
+    evaluate_variations(recording, sources, config, True)
+    evaluate_variations(recording, sources, replace(config, variation_rerank=24), True)
+    evaluate_variations(recording, sources, replace(config, variation_rerank=0), True)
+    assert drawn_with == [48, 24, 0]
+    with pytest.raises(ValueError, match="generation.variation_rerank must be at least 0"):
+        replace(config, variation_rerank=-1)
+
+
 def test_diversity_is_zero_for_copies_and_the_mean_l1_otherwise():
     copies = torch.zeros(4, 3, 2, 2)
     assert mean_pairwise_l1(copies, per_group=2) == 0
@@ -456,6 +477,32 @@ def test_sample_script_defaults_to_a_folder_in_the_run(run_copy, capsys):
     folder = run_copy / "samples" / "a-red-circle-and-1-more" / "seed1"
     assert paths[0] == folder / "grid.png" and len(paths) == 5 and all(p.is_file() for p in paths)
     assert paths[-1].name == "01-001.png"
+
+
+def test_the_report_shows_the_samples_a_folder_holds_without_sampling_them(run_copy, monkeypatch):
+    overrides = ["prompts=[a red circle,a blue square]", "num_images=2", "seed=1", "device=cpu"]
+    load_script("sample.py").sample(compose_config("sample", [f"run_dir={run_copy}", *overrides]))
+    folder = run_copy / "samples" / "a-red-circle-and-1-more" / "seed1"
+    samples = read_prompted_images(folder)
+    assert samples.prompts == ["a red circle", "a blue square"] and samples.per_prompt == 2
+    second = np.asarray(Image.open(folder / "01-000.png"))
+    assert np.array_equal(second, to_uint8(samples.images[2]))
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the report sampled the prompts again")
+
+    monkeypatch.setattr(Pipeline, "text_to_image", no_sampling)
+    config = compose_config("report", [f"run_dir={run_copy}", f"samples_from={folder}"])
+    load_script("report.py").report(config)
+    page = (run_copy / "report.html").read_text()
+    assert "<h3>a red circle</h3>" in page and "<h3>a blue square</h3>" in page
+    for name in ("00-000", "00-001", "01-000", "01-001"):  # the very PNGs, embedded
+        assert base64.b64encode((folder / f"{name}.png").read_bytes()).decode() in page
+    (folder / "01-001.png").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks 01-001.png of its samples"):
+        read_prompted_images(folder)
+    with pytest.raises(FileNotFoundError, match="has no prompts.json"):
+        read_prompted_images(run_copy)
 
 
 def test_variations_script_writes_the_source_beside_its_variations(run_copy, tmp_path):

@@ -1,5 +1,6 @@
 """The whole pipeline through scripts/pipeline.py at test size, and the report it writes."""
 
+import base64
 import json
 import subprocess
 import sys
@@ -105,6 +106,10 @@ def test_every_stage_runs_and_reports_its_time_and_headline(finished_run):
     ):
         assert (run_dir / output).is_file(), output
     assert str(run_dir / "report.html") in result.stdout
+    assert "(beside tokenizer; its output goes to" in result.stdout  # both trained at once
+    clip_log = run_dir / "logs" / "pipeline" / "clip.log"
+    assert "CLIP written to" in clip_log.read_text()
+    assert clip_log.with_name("clip.log.stderr").is_file()
     generator = json.loads((run_dir / "generator" / "config.json").read_text())
     assert generator["fusion"] == "early" and generator["num_condition_tokens"] > 0
 
@@ -127,6 +132,8 @@ def test_the_report_has_every_section_with_its_images(finished_run):
     assert page.count("<svg") >= 3
     assert page.count("match</span>") + page.count("matches</span>") >= 5 * 2  # verdicts
     assert "tokenizer.psnr" in page
+    first_sample = (run_dir / "samples" / "quickstart" / "00-000.png").read_bytes()
+    assert base64.b64encode(first_sample).decode() in page  # the samples stage's, not drawn again
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """Scripts run as child processes, one at a time or several side by side on shared cores.
 
-The first script of a group keeps the terminal: its stdout is shown and kept, its stderr
-(progress bars) shown. The others write stdout to their log file and stderr beside it
-(`<log>.stderr`), so that two progress bars never fight over one line. Side by side, each
+The first script of a group keeps the terminal: its output is shown, and its stdout also kept.
+The others write stdout (Lightning's progress bar included) to their log file and stderr beside
+it (`<log>.stderr`), so that two progress bars never fight over one line. Side by side, each
 gets an equal share of the cores through OMP_NUM_THREADS, which torch reads when it starts:
 two trainings of one thread each, rather than two of two threads spinning against each other
 on the same two cores. One thread per process also keeps each run deterministic, whatever
@@ -87,7 +87,7 @@ class QuietProcess:
 
 
 def run_in_terminal(job: Job, environment: dict[str, str] | None) -> Finished:
-    """Run a job with its stderr on the terminal and its stdout on the terminal and kept."""
+    """Run a job with its output on the terminal, its stdout also kept in its log file."""
     job.log_file.parent.mkdir(parents=True, exist_ok=True)
     began, lines = time.monotonic(), []
     with subprocess.Popen(
