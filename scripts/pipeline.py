@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -216,6 +216,11 @@ def stage_groups(stages: dict[str, DictConfig]) -> list[list[str]]:
     return groups
 
 
+class GroupResult(NamedTuple):
+    lines: list[str]  # the summary line of each stage of the group, in order
+    ran: bool  # any stage ran (was not reused)
+
+
 class StageRunner:
     """The stages of one pipeline run: which to reuse, how to start the others, and what each
     finished one leaves in RUN/pipeline.json."""
@@ -262,7 +267,7 @@ class StageRunner:
         atomic_write_text(self.run.pipeline_state, json.dumps(self.state, indent=2) + "\n")
         return f"{self.numbers[name]} {name:<11} {_clock(finished.seconds):>7}  {headline}"
 
-    def run_group(self, group: list[str], earlier_reran: bool) -> tuple[list[str], bool]:
+    def run_group(self, group: list[str], earlier_reran: bool) -> GroupResult:
         """Run the group's stages that cannot be reused, side by side; returns the group's
         summary lines and whether any stage ran. A failed stage stops the pipeline once the
         others of its group have ended."""
@@ -285,7 +290,7 @@ class StageRunner:
                 )
         if failed:
             raise SystemExit("\n".join(failed))
-        return [lines[name] for name in group], bool(jobs)
+        return GroupResult([lines[name] for name in group], bool(jobs))
 
 
 def chosen_stages(cfg: DictConfig) -> dict[str, DictConfig]:
