@@ -2,7 +2,6 @@
 terminal and the others into their log files; a failure is reported, never lost."""
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,15 @@ CHILD = (
     "import os, sys, time; print('threads', os.environ.get('OMP_NUM_THREADS')); "
     "print('progress', file=sys.stderr); time.sleep(float(sys.argv[1])); sys.exit(int(sys.argv[2]))"
 )
+# Leaves its own mark (argv[1]), then waits up to 60 s for the other's (argv[2]): exits 0 only
+# where the two ran at the same time; one after the other, the first gives up with 4.
+MEETS = (
+    "import os, sys, time; from pathlib import Path; print('threads', os.environ.get("
+    "'OMP_NUM_THREADS')); print('progress', file=sys.stderr); Path(sys.argv[1]).touch(); "
+    "deadline = time.monotonic() + 60\n"
+    "while not Path(sys.argv[2]).exists() and time.monotonic() < deadline: time.sleep(0.01)\n"
+    "sys.exit(0 if Path(sys.argv[2]).exists() else 4)"
+)
 
 
 def job(tmp_path: Path, name: str, seconds: float, exit_code: int = 0) -> Job:
@@ -22,19 +30,30 @@ def job(tmp_path: Path, name: str, seconds: float, exit_code: int = 0) -> Job:
     return Job(name, command, tmp_path / "logs" / f"{name}.log")
 
 
+def meeting_job(tmp_path: Path, name: str, other: str) -> Job:
+    command = [sys.executable, "-c", MEETS, str(tmp_path / name), str(tmp_path / other)]
+    return Job(name, command, tmp_path / "logs" / f"{name}.log")
+
+
 def test_jobs_run_at_once_each_on_its_share_of_the_cores(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    began = time.monotonic()
-    first, second = run_side_by_side([job(tmp_path, "a", 1.5), job(tmp_path, "b", 1.5)])
-    assert time.monotonic() - began < 2.8  # one after the other would take 3 s
+    first, second = run_side_by_side(
+        [meeting_job(tmp_path, "a", other="b"), meeting_job(tmp_path, "b", other="a")]
+    )
+    # each saw the other's mark while it ran: both ran at once
     assert (first.name, first.returncode, second.name, second.returncode) == ("a", 0, "b", 0)
     assert first.stdout == second.stdout == "threads 2\n"
-    assert 1.4 < first.seconds < 2.8 and 1.4 < second.seconds < 2.8
     shown = capsys.readouterr().out
     assert "threads 2" in shown and shown.count("threads") == 1  # only the first's, on the terminal
     assert (tmp_path / "logs" / "a.log").read_text() == "threads 2\n"
     assert (tmp_path / "logs" / "b.log").read_text() == "threads 2\n"
     assert (tmp_path / "logs" / "b.log.stderr").read_text() == "progress\n"
+
+
+def test_each_job_is_timed_to_its_own_end(tmp_path):
+    long, short = run_side_by_side([job(tmp_path, "long", 1.5), job(tmp_path, "short", 0.2)])
+    assert long.seconds >= 1.5 and short.seconds >= 0.2
+    assert short.seconds < long.seconds  # not to the end of the group
 
 
 def test_a_job_alone_keeps_the_environment_as_it_is(tmp_path, monkeypatch):
