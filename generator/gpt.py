@@ -28,7 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generator.conditioning.condition import Condition, as_condition, check_condition
+from generator.conditioning.condition import (
+    Condition,
+    as_condition,
+    check_condition,
+    distinct_rows,
+)
 from generator.conditioning.cross_attention import CrossKeysValues, GatedCrossAttention
 from generator.conditioning.fusion import FUSIONS, Conditioner, extra_prefix_tokens
 from generator.kv_cache import KVCache
@@ -344,10 +349,21 @@ class GPT(nn.Module):
         condition keys and values go into the cache too.
 
         Returns the logits (B, vocab) of the next code: code 0, or code n when codes are given.
+        On a CPU, rows that are alike (the candidates of one prompt, the unconditional half of a
+        guided batch) run once and the cache copies them to each; a GPU runs every row, since
+        finding them would wait for the GPU.
         """
         if cache.length:
             raise ValueError("prefill needs an empty cache; make one with model.new_cache.")
         condition = as_condition(condition)
+        on_cpu = condition.pooled.device.type == "cpu"
+        distinct = distinct_rows(condition, codes) if on_cpu else None
+        if distinct is not None and len(distinct.first) < condition.batch_size:
+            once = self.new_cache(len(distinct.first))
+            first_codes = None if codes is None else codes[distinct.first]
+            logits = self.prefill(condition.rows(distinct.first), once, first_codes)
+            cache.take_rows(once, distinct.inverse)
+            return logits[distinct.inverse]
         cache.cross_keys_values = self.cross_keys_values(condition)
         x = self.conditioner.prefix(condition)  # (B, P', C)
         if codes is not None:

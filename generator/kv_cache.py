@@ -73,5 +73,16 @@ class KVCache:
         layer_cache.narrow(3, self.length, num_tokens).copy_(keys_values)
         return KeysValues(*layer_cache.narrow(3, 0, self.length + num_tokens).unbind())
 
+    def take_rows(self, source: KVCache, rows: torch.Tensor) -> None:
+        """Fill this empty cache with rows (B,) of `source`'s batch, deep fusion's keys and
+        values included: the prefix run once for rows that are alike, copied to each."""
+        length = source.length
+        self.keys_values[..., :length, :] = source.keys_values[..., :length, :][:, :, rows]
+        self.length = length
+        self.cross_keys_values = {
+            layer: type(kv)(*(t[rows] for t in kv))
+            for layer, kv in source.cross_keys_values.items()
+        }
+
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens

@@ -6,6 +6,7 @@ import torch
 from helpers import FakeCLIP, make_encoded_run, run_script, save_tokenizer, shapes_config
 
 from generator.conditioning import FUSIONS, Condition
+from generator.conditioning.condition import distinct_rows
 from generator.conditioning.cross_attention import CrossAttention
 from generator.cpu_step import OneCodeStep
 from generator.encoding import encode_run
@@ -77,12 +78,67 @@ def test_one_code_steps_match_the_full_forward_pass(fusion, batch_size):
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_cached_and_naive_sampling_give_the_same_codes(fusion, cfg_scale):
+@pytest.mark.parametrize("repeats", [1, 4])  # 4: candidates of one prompt, the prefix run once
+def test_cached_and_naive_sampling_give_the_same_codes(fusion, cfg_scale, repeats):
     model = fusion_model(fusion)
     options = SamplingOptions(cfg_scale=cfg_scale, top_k=8, seed=3)
-    cached = generate(model, condition(3), options)
-    naive = generate_naive(model, condition(3), options)
+    cached = generate(model, condition(3).repeat_interleave(repeats), options)
+    naive = generate_naive(model, condition(3).repeat_interleave(repeats), options)
     assert torch.equal(cached, naive)
+
+
+def stacked(*rows: Condition) -> Condition:
+    return Condition(*(torch.cat(tensors) for tensors in zip(*rows, strict=True)))
+
+
+def test_rows_are_alike_where_the_generator_reads_the_same():
+    first, second = condition(2, seed=1).rows(slice(0, 1)), condition(2, seed=2).rows(slice(1, 2))
+    no, yes = torch.tensor([False]), torch.tensor([True])
+    padding = torch.randn_like(first.tokens) * ~first.mask[..., None]
+
+    def row(base: Condition, drop=no, drop_tokens=no, tokens=None) -> Condition:
+        tokens = base.tokens if tokens is None else tokens
+        return base._replace(tokens=tokens, drop=drop, drop_tokens=drop_tokens)
+
+    batch = stacked(
+        row(first),
+        row(second),
+        row(first, tokens=first.tokens + padding),  # what padding holds is never read
+        row(first, drop=yes),
+        row(second, drop=yes),  # every dropped row reads the same nulls
+        row(first, drop_tokens=yes),
+        row(first, drop_tokens=yes, tokens=second.tokens),  # its tokens read their null
+        row(second, drop_tokens=yes),  # but its pooled embedding is its own
+    )
+    distinct = distinct_rows(batch)
+    groups = {}
+    for index, group in enumerate(distinct.inverse.tolist()):
+        groups.setdefault(group, []).append(index)
+    assert sorted(groups.values()) == [[0, 2], [1], [3, 4], [5, 6], [7]]
+    assert sorted(distinct.first.tolist()) == [0, 1, 3, 5, 7]
+    codes = torch.arange(8)[:, None] % 2  # given codes tell rows apart too
+    assert len(distinct_rows(batch, codes).first) == 7
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@torch.no_grad()
+def test_a_prefix_alike_for_many_rows_runs_once_and_fills_every_row(fusion, monkeypatch):
+    model = fusion_model(fusion)
+    cond = condition(2).repeat_interleave(3).guided()  # 12 rows: 2 conditions, 1 null
+    codes = codes_for(12)
+    full = model(codes, cond)
+    prefix_rows = []
+    prefix = model.conditioner.prefix
+    monkeypatch.setattr(
+        model.conditioner, "prefix", lambda c: prefix_rows.append(c.batch_size) or prefix(c)
+    )
+    cache = model.new_cache(12)
+    torch.testing.assert_close(model.prefill(cond, cache), full[:, 0], atol=1e-5, rtol=1e-5)
+    assert prefix_rows == [3]
+    step = OneCodeStep(model, 12)
+    for t in range(NUM_CODES - 1):
+        logits = step(codes[:, t], cache)
+        torch.testing.assert_close(logits, full[:, t + 1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)

@@ -51,6 +51,32 @@ class Condition(NamedTuple):
         return doubled._replace(drop=drop)
 
 
+class DistinctRows(NamedTuple):
+    first: torch.Tensor  # (D,) long: a row of the batch holding each distinct row
+    inverse: torch.Tensor  # (B,) long: which distinct row each row of the batch is
+
+
+def distinct_rows(condition: Condition, codes: torch.Tensor | None = None) -> DistinctRows:
+    """The distinct rows of a condition, and of codes (B, n) given with it, as the generator
+    reads them: an input a row drops reads its null, so rows that drop it are alike whatever
+    they hold there (the whole unconditional half of a guided batch is one row)."""
+    batch_size = condition.batch_size
+    no = torch.zeros(batch_size, dtype=torch.bool, device=condition.pooled.device)
+    drop = no if condition.drop is None else condition.drop
+    drop_tokens = drop | (no if condition.drop_tokens is None else condition.drop_tokens)
+    parts = [condition.pooled.masked_fill(drop[:, None], 0), drop[:, None], drop_tokens[:, None]]
+    if condition.tokens is not None:  # what padding holds is never read either
+        read = condition.mask & ~drop_tokens[:, None]  # (B, L)
+        parts += [condition.tokens.masked_fill(~read[..., None], 0).flatten(1), read]
+    if codes is not None:
+        parts.append(codes)
+    rows = torch.cat([part.float() for part in parts], dim=1)  # every value exact in fp32
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    first = torch.full((len(distinct),), batch_size, device=inverse.device)
+    order = torch.arange(batch_size, device=inverse.device)
+    return DistinctRows(first.scatter_reduce_(0, inverse, order, "amin"), inverse)
+
+
 def as_condition(condition: Condition | torch.Tensor) -> Condition:
     """A Condition from a Condition or a bare pooled embedding (B, E)."""
     return condition if isinstance(condition, Condition) else Condition(condition)
