@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 
 from generator.evaluation import caption_prompts, first_images
 from tokenizer.base.run_dir import RunDir, config_file
-from tokenizer.data import DataConfig, ImageDataModule, build_dataset, make_loader
+from tokenizer.data import DataConfig, build_dataset, has_split, make_loader
 from tokenizer.data.skipping import ReportingDataLoader
 from tokenizer.vqgan import VQGANConfig
 
@@ -46,7 +46,7 @@ def run_data_config(settings: Any, run_dir: str | Path) -> DataConfig:
     return replace(config, image_size=tokenizer_image_size(run_dir))
 
 
-def split_batches(config: DataConfig, split: str) -> ReportingDataLoader:
+def split_batches(config: DataConfig, split: str) -> ReportingDataLoader | list:
     """Batches of one split in a fixed order, without augmentation. `all` is every image under
     data.path (folder or shards), whatever split each belongs to."""
     if split == ALL:
@@ -57,9 +57,9 @@ def split_batches(config: DataConfig, split: str) -> ReportingDataLoader:
             )
         everything = replace(config, val_fraction=0.0, test_fraction=0.0, val_path="", test_path="")
         return make_loader(build_dataset(everything, "train", train=False), everything, False)
-    if split == "train":
-        return make_loader(build_dataset(config, "train", train=False), config, False)
-    return getattr(ImageDataModule(config), f"{split}_dataloader")()
+    if split != "train" and not has_split(config, split):
+        return []
+    return make_loader(build_dataset(config, split, train=False), config, False)
 
 
 def held_out_prompts(config: DataConfig, split: str, count: int) -> list[str]:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from generator.cpu_step import MAX_PACKED_ROWS, few_rows_product
-from tokenizer.base.training import cpu_supports_bf16
+from tokenizer.base.hardware import cpu_supports_bf16
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHOICES = (*DTYPES, "auto")

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizer.base.cli import run_command
 from tokenizer.base.run_dir import RunDir
 from tokenizer.base.training import build_trainer, fit_and_checkpoint
-from tokenizer.data import ImageDataModule
+from tokenizer.data.datamodule import ImageDataModule
 from tokenizer.module import TokenizerModule
 
 

@@ -76,13 +76,31 @@ TINY = [  # scripts/train_tokenizer.py at test size
 ]
 
 
+BLOCKING = (  # runs the script after it, with the packages named in BLOCKED unimportable
+    "import os, runpy, sys\n"
+    "for name in os.environ['BLOCKED'].split(): sys.modules[name] = None\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
 def run_script(
-    name: str, *overrides: str | bytes, timeout: float = 300, check: bool = False
+    name: str,
+    *overrides: str | bytes,
+    timeout: float = 300,
+    check: bool = False,
+    blocked: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """scripts/<name> in a fresh Python, from the repository root; `check` asserts it exited
-    with status 0, showing the end of its stderr if not."""
+    with status 0, showing the end of its stderr if not. Importing a `blocked` package fails."""
     command = [sys.executable, str(ROOT / "scripts" / name), *overrides]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    env = None
+    if blocked:
+        command[1:1] = ["-c", BLOCKING]
+        env = {**os.environ, "BLOCKED": " ".join(blocked)}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result

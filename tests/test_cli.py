@@ -4,11 +4,16 @@ a bug keeps its traceback (tokenizer/base/cli.py)."""
 import errno
 
 import pytest
-from helpers import run_script
+from helpers import ROOT, run_script, save_tokenizer
 from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from generator.clip import build_small_clip, save_trained_clip
 from tokenizer.base.cli import run_command
 from tokenizer.base.files import WriteError
+
+NO_LIGHTNING = ("lightning", "pytorch_lightning")
 
 
 def test_an_unreadable_image_for_variations_is_one_sentence(run_dir, tmp_path):
@@ -71,3 +76,22 @@ def test_a_bug_and_hydra_full_error_keep_the_traceback(monkeypatch):
 
 def test_the_result_passes_through():
     assert run_command(lambda value: value * 2, 21) == 42
+
+
+def test_encoding_and_sampling_never_load_lightning(run_dir, tmp_path):
+    """Importing Lightning takes seconds, once for every such stage of a pipeline."""
+    clip_config = instantiate(OmegaConf.load(ROOT / "conf" / "clip" / "tiny.yaml"), _convert_="all")
+    save_tokenizer(tmp_path)
+    save_trained_clip(build_small_clip(clip_config), clip_config, tmp_path / "clip")
+    overrides = ["clip=tiny", "data.num_train=4", "data.num_val=2", "data.num_workers=0"]
+    encoded = run_script("encode.py", f"run_dir={tmp_path}", *overrides, blocked=NO_LIGHTNING)
+    assert encoded.returncode == 0, encoded.stderr[-3000:]
+    assert (tmp_path / "encoded" / "manifest.json").is_file()
+    out = tmp_path / "samples"
+    sampled = run_script(
+        "sample.py", f"run_dir={run_dir}", "prompt=a red circle", f"out={out}", blocked=NO_LIGHTNING
+    )
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert (out / "grid.png").is_file()
+    stopped = run_script("train_tokenizer.py", f"run_dir={tmp_path}", blocked=NO_LIGHTNING)
+    assert "import of lightning halted" in stopped.stderr  # the block holds where it is needed

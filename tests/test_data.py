@@ -23,13 +23,13 @@ from generator.clip.data import CaptionBatch, CaptionDataModule
 from tokenizer.data import (
     SHARD_IMAGE_KEYS,
     DataConfig,
-    ImageDataModule,
     RankSplit,
     ReportingDataLoader,
     Sample,
     ShapesDataset,
     build_dataset,
 )
+from tokenizer.data.datamodule import ImageDataModule
 from tokenizer.shapes import ShapesConfig, check, parse_caption, scene_matches
 
 

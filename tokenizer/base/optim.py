@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 
 from tokenizer.base.configs import checked_config
 
@@ -91,6 +90,9 @@ class ClipsGradientNorm:
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
+        # imported here: sampling loads this module without loading Lightning
+        from lightning.pytorch.strategies import FSDPStrategy
+
         max_norm = self.optim_config.grad_clip
         if max_norm <= 0:
             return

@@ -13,12 +13,17 @@
       pipeline.json  which stages scripts/pipeline.py finished, with which settings
 
 Every exported model folder holds its weights as WEIGHTS_FILE and its config as CONFIG_FILE.
+`RunDirCheck` stops a script whose run_dir cannot be written, before Hydra writes into it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from tokenizer.base.files import WriteError, check_writable
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -82,3 +87,15 @@ def weights_file(model_dir: str | Path) -> Path:
 
 def config_file(model_dir: str | Path) -> Path:
     return Path(model_dir) / CONFIG_FILE
+
+
+class RunDirCheck(Callback):
+    """Hydra callback (conf: hydra.callbacks) that stops an unwritable run_dir with one sentence
+    before Hydra creates its own folders in it and fails with a traceback. Hydra turns a
+    callback's exceptions into warnings and goes on, hence SystemExit."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        try:
+            check_writable(config.run_dir)
+        except WriteError as error:
+            raise SystemExit(f"Error: {error}") from None

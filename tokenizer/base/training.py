@@ -19,7 +19,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback as TrainerCallback
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -28,14 +27,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from tokenizer.base.files import WriteError, atomic_write_bytes, check_writable, remove_temporaries
+from tokenizer.base.files import atomic_write_bytes, remove_temporaries
+from tokenizer.base.hardware import cpu_supports_bf16
 from tokenizer.base.run_dir import RunDir
-
-
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 matrix instructions (emulated bf16 is far slower)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return "AVX512_BF16" in capability or "AMX" in capability
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -51,18 +45,6 @@ def last_checkpoint(run_dir: str | Path, stage: str) -> Path | None:
     """The checkpoint a rerun resumes from, or None on a fresh run."""
     path = RunDir(run_dir).checkpoints(stage) / "last.ckpt"
     return path if path.is_file() else None
-
-
-class RunDirCheck(Callback):
-    """Hydra callback (conf: hydra.callbacks) that stops an unwritable run_dir with one sentence
-    before Hydra creates its own folders in it and fails with a traceback. Hydra turns a
-    callback's exceptions into warnings and goes on, hence SystemExit."""
-
-    def on_run_start(self, config, **kwargs) -> None:
-        try:
-            check_writable(config.run_dir)
-        except WriteError as error:
-            raise SystemExit(f"Error: {error}") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

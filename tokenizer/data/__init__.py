@@ -1,20 +1,22 @@
 """Image datasets behind one interface: the built-in shapes, an image folder, WebDataset shards.
 
 Every dataset yields `Sample(image, caption)` with the image as (3, H, W) float32 in [-1, 1].
-`ImageDataModule` wraps them for Lightning; `build_dataset` gives one split to scripts.
+`build_dataset` gives one split to scripts; `datamodule.ImageDataModule` wraps them for Lightning
+(imported from there, so that sampling never loads Lightning).
 
 - `config`: `DataConfig` and `Sample`
 - `splits`: which files belong to which split
 - `images`: decoding files to RGB and the transform to a tensor
 - `skipping`: the log of unreadable files and the loader that reports it each epoch
 - `shapes`, `folder`, `shards`: the three sources
-- `loading`: `build_dataset`, `make_loader` and `ImageDataModule`
+- `loading`: `build_dataset` and `make_loader`
+- `datamodule`: `ImageDataModule`
 """
 
 from tokenizer.data.config import SOURCES, DataConfig, Sample
 from tokenizer.data.folder import FolderDataset
 from tokenizer.data.images import ImageTransform, load_rgb, to_rgb
-from tokenizer.data.loading import ImageDataModule, build_dataset, make_loader
+from tokenizer.data.loading import build_dataset, make_loader
 from tokenizer.data.shapes import ShapesDataset
 from tokenizer.data.shards import (
     SHARD_IMAGE_KEYS,
@@ -31,7 +33,6 @@ __all__ = [
     "SOURCES",
     "DataConfig",
     "FolderDataset",
-    "ImageDataModule",
     "ImageTransform",
     "RankSplit",
     "ReportingDataLoader",

@@ -1,10 +1,7 @@
-"""One split of the configured source (`build_dataset`), its batches (`make_loader`), and
-`ImageDataModule`, which gives Lightning the train, val and test loaders.
-"""
+"""One split of the configured source (`build_dataset`) and its batches (`make_loader`)."""
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from tokenizer.data.config import DataConfig
 from tokenizer.data.folder import FolderDataset
@@ -50,37 +47,3 @@ def build_dataset(
     if config.source == "folder":
         return FolderDataset(config, split, train)
     return ShardDataset(config, split, train, ranks)
-
-
-class ImageDataModule(L.LightningDataModule):
-    """Train/val/test loaders for any source. Under DDP, map-style datasets (shapes, folders)
-    get Lightning's distributed sampler: every sample on one rank, once per epoch, where the
-    split's size divides by the number of ranks (else up to ranks - 1 samples are repeated to
-    even the ranks out). WebDataset shards are split between ranks by ShardDataset."""
-
-    def __init__(self, config: DataConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.datasets: dict[str, Dataset] = {}
-
-    def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
-        for split in wanted.get(stage, SPLITS):
-            if split not in self.datasets and has_split(self.config, split):
-                self.datasets[split] = build_dataset(self.config, split)
-
-    def _loader(self, split: str) -> DataLoader | list:
-        if not has_split(self.config, split):
-            return []  # Lightning runs no loop for an empty list
-        if split not in self.datasets:
-            self.datasets[split] = build_dataset(self.config, split)
-        return make_loader(self.datasets[split], self.config, train=split == "train")
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader | list:
-        return self._loader("test")
