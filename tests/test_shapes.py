@@ -27,6 +27,8 @@ from tokenizer.shapes import (
     sample_caption,
     scene_matches,
 )
+from tokenizer.shapes.drawing import Placement, coverage, render
+from tokenizer.shapes.scene import BACKGROUNDS, COLORS, SHAPES
 from tokenizer.shapes.swaps import SWAPS, copied_captions, swapped_caption, swapped_twins
 
 
@@ -170,6 +172,29 @@ def test_small_shapes_span_more_than_one_code():
         rows, cols = np.nonzero(painted)
         smallest = min(smallest, rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
     assert smallest >= 32 / 5  # a fifth of the side: two codes at f4 on 32 px
+
+
+@pytest.mark.parametrize("image_size", [32, 47])
+def test_each_object_drawn_over_its_box_alone_is_drawn_as_over_the_whole_image(image_size):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        placements = [
+            Placement(
+                ShapeObject(shape, color, "large", "center"), *rng.uniform(-0.1, 1.1, 2), side
+            )
+            for shape, color, side in zip(
+                rng.choice(SHAPES, 2),
+                rng.choice(list(COLORS), 2),
+                rng.uniform(0.02, 0.6, 2),
+                strict=True,
+            )
+        ]
+        whole = np.full((image_size, image_size, 3), BACKGROUNDS["white"], np.float64)
+        for obj, cx, cy, side in placements:
+            alpha = coverage(obj.shape, cx, cy, side, image_size)[..., None]
+            whole = whole * (1 - alpha) + np.asarray(COLORS[obj.color], np.float32) * alpha
+        drawn = render(placements, "white", image_size)
+        assert np.array_equal(drawn, np.round(whole).astype(np.uint8))
 
 
 def test_draw_shows_the_scene_it_is_given():

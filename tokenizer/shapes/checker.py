@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tokenizer.shapes.drawing import AREA_FACTOR, CENTROID_OFFSET, Window, coverage
+from tokenizer.shapes.drawing import AREA_FACTOR, CENTROID_OFFSET, box_window, coverage
 from tokenizer.shapes.regions import components, grow
 from tokenizer.shapes.scene import (
     BACKGROUNDS,
@@ -115,18 +115,6 @@ def _paint_name(paint: np.ndarray, backdrop: np.ndarray) -> str | None:
     return list(COLORS)[best] if residuals[best] <= COLOR_TOLERANCE else None
 
 
-def _box_window(cx: float, cy: float, side: float) -> Window:
-    """The pixels at WORK_SIZE that a box of this centre and side can touch."""
-
-    def span(centre: float) -> tuple[int, int]:
-        low = math.floor((centre - side / 2) * WORK_SIZE)
-        high = math.ceil((centre + side / 2) * WORK_SIZE)
-        return min(max(low, 0), WORK_SIZE - 1), min(max(high, 1), WORK_SIZE)
-
-    (top, bottom), (left, right) = span(cy), span(cx)
-    return Window(top, max(bottom, top + 1), left, max(right, left + 1))
-
-
 class _Fit(NamedTuple):
     shape: str | None
     cx: float
@@ -160,7 +148,7 @@ def _fit_shape(offset: np.ndarray, paint: np.ndarray, region: np.ndarray) -> _Fi
     for shape in SHAPES:
         side = math.sqrt(area / AREA_FACTOR[shape]) / WORK_SIZE
         cy = my - CENTROID_OFFSET[shape] * side
-        box = _box_window(mx, cy, side)
+        box = box_window(mx, cy, side, WORK_SIZE)
         template = coverage(shape, mx, cy, side, WORK_SIZE, window=box).astype(np.float32)
         down = _BLUR[:, r0:r1, box.top : box.bottom]  # (S, h, box rows)
         across = _BLUR[:, c0:c1, box.left : box.right]  # (S, w, box cols)

@@ -70,13 +70,28 @@ def coverage(
     return inside.reshape(h, supersample, w, supersample).mean(axis=(1, 3))  # (h, w)
 
 
+def box_window(cx: float, cy: float, side: float, size: int) -> Window:
+    """The pixels of a (size, size) image that a box of this centre and side can touch."""
+
+    def span(centre: float) -> tuple[int, int]:
+        low = math.floor((centre - side / 2) * size)
+        high = math.ceil((centre + side / 2) * size)
+        return min(max(low, 0), size - 1), min(max(high, 1), size)
+
+    (top, bottom), (left, right) = span(cy), span(cx)
+    return Window(top, max(bottom, top + 1), left, max(right, left + 1))
+
+
 def render(placements: list[Placement], background: str, image_size: int) -> np.ndarray:
-    """Draw placed objects over a plain background; returns (H, W, 3) uint8."""
-    image = np.empty((image_size, image_size, 3), np.float32)
+    """Draw placed objects over a plain background; returns (H, W, 3) uint8. Each object is
+    computed over its box's pixels only: it covers nothing outside them."""
+    image = np.empty((image_size, image_size, 3), np.float64)
     image[:] = BACKGROUNDS[background]
     for obj, cx, cy, side in placements:
-        alpha = coverage(obj.shape, cx, cy, side, image_size)[..., None]  # (H, W, 1)
-        image = image * (1 - alpha) + np.asarray(COLORS[obj.color], np.float32) * alpha
+        window = box_window(cx, cy, side, image_size)
+        alpha = coverage(obj.shape, cx, cy, side, image_size, window=window)[..., None]
+        box = image[window.top : window.bottom, window.left : window.right]  # (h, w, 3)
+        box[:] = box * (1 - alpha) + np.asarray(COLORS[obj.color], np.float32) * alpha
     return np.round(image).astype(np.uint8)
 
 
