@@ -3,11 +3,21 @@ terminal and the others into their log files; a failure is reported, never lost.
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from helpers import load_script
 
-from tokenizer.base.side_by_side import Job, available_cores, run_side_by_side, shared_environment
+from tokenizer.base.side_by_side import (
+    CORES_FILE_VARIABLE,
+    Job,
+    available_cores,
+    cores_file,
+    run_side_by_side,
+    shared_environment,
+)
+from tokenizer.base.training import TakesFreedCores
 
 # Prints its thread count, writes a progress line to stderr, sleeps, then exits with argv[2].
 CHILD = (
@@ -22,6 +32,17 @@ MEETS = (
     "deadline = time.monotonic() + 60\n"
     "while not Path(sys.argv[2]).exists() and time.monotonic() < deadline: time.sleep(0.01)\n"
     "sys.exit(0 if Path(sys.argv[2]).exists() else 4)"
+)
+
+
+# Prints whether its cores file is there at its start, then waits up to 60 s for it and
+# prints what it holds.
+WIDENS = (
+    "import os, time; from pathlib import Path; path = Path(os.environ['"
+    + CORES_FILE_VARIABLE
+    + "']); print('at start', path.exists()); deadline = time.monotonic() + 60\n"
+    "while not path.exists() and time.monotonic() < deadline: time.sleep(0.01)\n"
+    "print('cores', path.read_text() if path.exists() else None)"
 )
 
 
@@ -68,6 +89,40 @@ def test_a_failed_job_is_reported_after_the_other_ends(tmp_path):
     first, second = run_side_by_side([job(tmp_path, "a", 0, exit_code=3), job(tmp_path, "b", 1)])
     assert (first.returncode, second.returncode) == (3, 0)
     assert second.seconds >= 0.9  # it was waited for, not killed
+
+
+def test_a_job_takes_the_cores_of_the_one_that_ended(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    widens = Job("b", [sys.executable, "-c", WIDENS], tmp_path / "logs" / "b.log")
+    cores_file(widens).parent.mkdir(parents=True)
+    cores_file(widens).write_text("9")  # left by an earlier run: removed before b starts
+    first, second = run_side_by_side([job(tmp_path, "a", 0.5), widens])
+    assert first.stdout == "threads 2\n"
+    assert (second.returncode, second.stdout) == (0, "at start False\ncores 4\n")
+
+
+def test_a_training_widens_to_the_cores_its_file_gives_it(tmp_path, monkeypatch):
+    path = tmp_path / "clip.log.cores"
+    monkeypatch.setenv(CORES_FILE_VARIABLE, str(path))
+    callback = TakesFreedCores(every=10)
+    threads = torch.get_num_threads()
+    trainer = SimpleNamespace(global_step=0)
+    try:
+        torch.set_num_threads(1)
+        callback.on_train_batch_start(trainer, None, None, 0)  # no file yet
+        path.write_text("3")
+        trainer.global_step = 5  # read every 10 steps
+        callback.on_train_batch_start(trainer, None, None, 5)
+        assert torch.get_num_threads() == 1
+        trainer.global_step = 10
+        callback.on_train_batch_start(trainer, None, None, 10)
+        assert torch.get_num_threads() == 3
+        path.write_text("2")  # never narrows
+        trainer.global_step = 20
+        callback.on_train_batch_start(trainer, None, None, 20)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_pipeline_groups_a_stage_with_the_one_it_runs_beside():

@@ -5,8 +5,11 @@ The others write stdout (Lightning's progress bar included) to their log file an
 it (`<log>.stderr`), so that two progress bars never fight over one line. Side by side, each
 gets an equal share of the cores through OMP_NUM_THREADS, which torch reads when it starts:
 two trainings of one thread each, rather than two of two threads spinning against each other
-on the same two cores. One thread per process also keeps each run deterministic, whatever
-the other one does.
+on the same two cores. When one ends, the ones still running get its cores: each job is told
+its share in a file (`<log>.cores`, named by CORES_FILE_VARIABLE), which a training reads
+every few steps (tokenizer/base/training.py, TakesFreedCores). A training that widens so
+repeats its run to within rounding, not bit for bit: when it widens depends on the other's
+speed, and a reduction split over more threads adds in another order.
 """
 
 import os
@@ -14,13 +17,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from tokenizer.base.files import atomic_write_text
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+CORES_FILE_VARIABLE = "SIDE_BY_SIDE_CORES_FILE"
 
 
 class Job(NamedTuple):
@@ -57,6 +61,34 @@ def shared_environment(count: int) -> dict[str, str] | None:
     return {**os.environ, **dict.fromkeys(THREAD_VARIABLES, threads)}
 
 
+def cores_file(job: Job) -> Path:
+    return job.log_file.with_name(job.log_file.name + ".cores")
+
+
+class CoreShares:
+    """The jobs of a group still running and each one's share of the cores: when one ends, the
+    others' files get the cores shared among those left."""
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        self.cores = available_cores()
+        self.running = list(jobs)
+        self.lock = threading.Lock()
+        for job in jobs:  # a file left by an earlier run would widen a job at its start
+            job.log_file.parent.mkdir(parents=True, exist_ok=True)
+            cores_file(job).unlink(missing_ok=True)
+
+    def environment(self, job: Job) -> dict[str, str] | None:
+        shared = shared_environment(len(self.running))
+        return None if shared is None else {**shared, CORES_FILE_VARIABLE: str(cores_file(job))}
+
+    def ended(self, job: Job) -> None:
+        with self.lock:
+            self.running.remove(job)
+            for other in self.running:
+                share = max(1, self.cores // len(self.running))
+                atomic_write_text(cores_file(other), str(share))
+
+
 def script_command(script: Path, arguments: Sequence[str]) -> list[str]:
     return [sys.executable, str(script), *arguments]
 
@@ -64,8 +96,10 @@ def script_command(script: Path, arguments: Sequence[str]) -> list[str]:
 class QuietProcess:
     """A job whose stdout goes to its log file and stderr beside it, timed to its exit."""
 
-    def __init__(self, job: Job, environment: dict[str, str] | None) -> None:
-        self.job = job
+    def __init__(
+        self, job: Job, environment: dict[str, str] | None, on_exit: Callable[[Job], None]
+    ) -> None:
+        self.job, self.on_exit = job, on_exit
         job.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.began, self.ended = time.monotonic(), 0.0
         stderr_file = job.log_file.with_name(job.log_file.name + ".stderr")
@@ -79,6 +113,7 @@ class QuietProcess:
     def _wait(self) -> None:
         self.process.wait()
         self.ended = time.monotonic()
+        self.on_exit(self.job)
 
     def finish(self) -> Finished:
         self.watcher.join()
@@ -104,10 +139,15 @@ def run_in_terminal(job: Job, environment: dict[str, str] | None) -> Finished:
 def run_side_by_side(jobs: Sequence[Job]) -> list[Finished]:
     """Run the jobs at the same time, the first in the terminal, each on its share of the
     cores; returns when all have ended, in the jobs' order, failed ones included."""
-    environment = shared_environment(len(jobs))
-    quiet = [QuietProcess(job, environment) for job in jobs[1:]]
+    shares = CoreShares(jobs)
+    environments = [shares.environment(job) for job in jobs]
+    quiet = [
+        QuietProcess(job, environment, shares.ended)
+        for job, environment in zip(jobs[1:], environments[1:], strict=True)
+    ]
     try:
-        first = run_in_terminal(jobs[0], environment)
+        first = run_in_terminal(jobs[0], environments[0])
+        shares.ended(jobs[0])
         for process in quiet:
             if process.process.poll() is None:
                 print(f"Waiting for {process.job.name} (output in {process.job.log_file})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from tokenizer.base.files import atomic_write_bytes, remove_temporaries
 from tokenizer.base.hardware import cpu_supports_bf16
 from tokenizer.base.run_dir import RunDir
+from tokenizer.base.side_by_side import CORES_FILE_VARIABLE
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -84,6 +86,29 @@ class BatchReport(TrainerCallback):
         )
 
 
+class TakesFreedCores(TrainerCallback):
+    """Side by side with another stage (tokenizer/base/side_by_side.py), a training starts on its
+    share of the cores; once the other stage ends, it takes the cores that stage freed, from
+    the file the pipeline names in its environment, read every `every` steps."""
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = every
+        self.path = os.environ.get(CORES_FILE_VARIABLE)
+
+    def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_index: int) -> None:
+        if self.path is None or trainer.global_step % self.every:
+            return
+        try:
+            cores = int(Path(self.path).read_text())
+        except (OSError, ValueError):  # not written yet, or being replaced
+            return
+        if cores > torch.get_num_threads():
+            torch.set_num_threads(cores)
+            rank_zero_info(
+                f"The stage beside this one ended: training goes on with {cores} threads."
+            )
+
+
 def loggers(run_dir: str | Path, stage: str) -> list:
     """CSV logs always; TensorBoard as well where it is installed."""
     root = RunDir(run_dir).logs(stage).parent
@@ -117,7 +142,7 @@ def build_trainer(
     return L.Trainer(
         default_root_dir=str(run_dir),
         logger=loggers(run_dir, stage),
-        callbacks=[checkpoints, BatchReport(), *(callbacks or [])],
+        callbacks=[checkpoints, BatchReport(), TakesFreedCores(), *(callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         **options,
     )
