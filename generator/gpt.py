@@ -356,14 +356,21 @@ class GPT(nn.Module):
         if cache.length:
             raise ValueError("prefill needs an empty cache; make one with model.new_cache.")
         condition = as_condition(condition)
-        on_cpu = condition.pooled.device.type == "cpu"
-        distinct = distinct_rows(condition, codes) if on_cpu else None
-        if distinct is not None and len(distinct.first) < condition.batch_size:
-            once = self.new_cache(len(distinct.first))
-            first_codes = None if codes is None else codes[distinct.first]
-            logits = self.prefill(condition.rows(distinct.first), once, first_codes)
-            cache.take_rows(once, distinct.inverse)
-            return logits[distinct.inverse]
+        if condition.pooled.device.type != "cpu":
+            return self._prefill(condition, cache, codes)
+        distinct = distinct_rows(condition, codes)
+        if len(distinct.first) == condition.batch_size:
+            return self._prefill(condition, cache, codes)
+        once = self.new_cache(len(distinct.first))
+        first_codes = None if codes is None else codes[distinct.first]
+        logits = self._prefill(condition.rows(distinct.first), once, first_codes)
+        cache.take_rows(once, distinct.inverse)
+        return logits[distinct.inverse]
+
+    def _prefill(
+        self, condition: Condition, cache: KVCache, codes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """prefill for every row as it is."""
         cache.cross_keys_values = self.cross_keys_values(condition)
         x = self.conditioner.prefix(condition)  # (B, P', C)
         if codes is not None:

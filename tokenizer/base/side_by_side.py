@@ -61,8 +61,13 @@ def shared_environment(count: int) -> dict[str, str] | None:
     return {**os.environ, **dict.fromkeys(THREAD_VARIABLES, threads)}
 
 
+def beside_log(job: Job, suffix: str) -> Path:
+    """A file kept beside the job's log: `<log>.stderr`, `<log>.cores`."""
+    return job.log_file.with_name(job.log_file.name + suffix)
+
+
 def cores_file(job: Job) -> Path:
-    return job.log_file.with_name(job.log_file.name + ".cores")
+    return beside_log(job, ".cores")
 
 
 class CoreShares:
@@ -74,7 +79,6 @@ class CoreShares:
         self.running = list(jobs)
         self.lock = threading.Lock()
         for job in jobs:  # a file left by an earlier run would widen a job at its start
-            job.log_file.parent.mkdir(parents=True, exist_ok=True)
             cores_file(job).unlink(missing_ok=True)
 
     def environment(self, job: Job) -> dict[str, str] | None:
@@ -84,8 +88,8 @@ class CoreShares:
     def ended(self, job: Job) -> None:
         with self.lock:
             self.running.remove(job)
+            share = max(1, self.cores // max(1, len(self.running)))
             for other in self.running:
-                share = max(1, self.cores // len(self.running))
                 atomic_write_text(cores_file(other), str(share))
 
 
@@ -102,7 +106,7 @@ class QuietProcess:
         self.job, self.on_exit = job, on_exit
         job.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.began, self.ended = time.monotonic(), 0.0
-        stderr_file = job.log_file.with_name(job.log_file.name + ".stderr")
+        stderr_file = beside_log(job, ".stderr")
         with job.log_file.open("w") as stdout, stderr_file.open("w") as stderr:
             self.process = subprocess.Popen(
                 job.command, stdout=stdout, stderr=stderr, env=environment, text=True
