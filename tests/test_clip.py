@@ -27,6 +27,7 @@ from generator.clip import (
     save_trained_clip,
 )
 from generator.clip.data import CaptionDataModule, CaptionedImage, DistinctCaptions
+from generator.clip.trained import CachedTokenizer
 from tokenizer.data import DataConfig, build_dataset
 from tokenizer.shapes import Scene, ShapeObject, canonical_caption
 
@@ -90,6 +91,15 @@ def trained_dir(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Three sources, one interface
+
+
+def test_the_training_tokenizer_gives_open_clips_tokens_and_keeps_a_bounded_number():
+    tokenizer = open_clip.SimpleTokenizer(context_length=12)
+    cached = CachedTokenizer(tokenizer, size=2)
+    captions = ["a red circle", "a blue square", "a red circle", "a small green triangle on top"]
+    assert torch.equal(cached(captions), tokenizer(captions))
+    assert list(cached.tokens) == ["a red circle", "a blue square"]  # the first two only
+    assert torch.equal(cached(captions[::-1]), tokenizer(captions[::-1]))
 
 
 def test_file_source_loads_the_checkpoint_weights(tiny_arch, tiny_checkpoint):

@@ -17,7 +17,9 @@ from generator.cpu_step import (
     ThreadBlocks,
     few_rows_product,
     gelu_by_aten,
+    one_query_attention,
     packing,
+    product_attention,
 )
 from generator.gpt import GPT, PRESETS, GPTConfig
 from generator.kv_cache import KVCache
@@ -330,6 +332,47 @@ def test_packing_is_for_few_rows_in_fp32_on_a_cpu(threads):
     assert packing(torch.device("cuda"), torch.float32, 1) is None
     threads(1)
     assert packing(cpu, torch.float32, 1) is None
+
+
+@pytest.mark.parametrize("length", [1, 7, 40])
+def test_product_attention_is_sdpa_for_one_query(length):
+    q = torch.randn(5, 3, 1, 8)
+    keys, values = torch.randn(2, 5, 3, length, 8)
+    expected = nn.functional.scaled_dot_product_attention(q, keys, values)
+    torch.testing.assert_close(product_attention(q, keys, values), expected)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "products"])
+@torch.no_grad()
+def test_either_attention_steps_as_the_full_forward_pass(model, attention, monkeypatch):
+    monkeypatch.setattr(cpu_step, "one_query_attention", lambda model, rows: attention)
+    codes, clip_embedding = random_inputs(4)
+    full = model(codes, clip_embedding)
+    step = OneCodeStep(model, 4)
+    assert step.attention is cpu_step.ATTENTIONS[attention]
+    cache = model.new_cache(4)
+    model.prefill(clip_embedding, cache)
+    for t in range(NUM_CODES - 1):
+        logits = step(codes[:, t], cache)
+        torch.testing.assert_close(logits, full[:, t + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_the_one_query_attention_is_measured_once_per_shape(model, threads, monkeypatch):
+    """The faster of the two on this CPU, timed once for a shape; SDPA off fp32."""
+    threads(2)
+    calls = []
+
+    def timed(attention, inputs):
+        calls.append(inputs[0].shape)
+        return 1.0 if attention is product_attention else 2.0
+
+    monkeypatch.setattr(cpu_step, "_measured_attention", {})
+    monkeypatch.setattr(cpu_step, "attention_seconds", timed)
+    assert one_query_attention(model, 6) == "products"
+    assert one_query_attention(model, 6) == "products"
+    assert calls == [(6, model.config.num_heads, 1, 16)] * 2  # both timed, once
+    assert one_query_attention(model.to(torch.bfloat16), 6) == "sdpa"
+    assert len(calls) == 2
 
 
 def test_position_embeddings_held_for_sampling_are_those_computed(model):

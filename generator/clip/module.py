@@ -27,7 +27,7 @@ from generator.clip.data import CaptionBatch
 from generator.clip.encoder import ImagePreprocess
 from generator.clip.evaluation import in_batch_accuracy
 from generator.clip.loss import HardNegativeLoss
-from generator.clip.trained import build_small_clip, clip_tokenizer
+from generator.clip.trained import CachedTokenizer, build_small_clip, clip_tokenizer
 from tokenizer.base.configs import dataclass_from_dict
 from tokenizer.base.optim import (
     ClipsGradientNorm,
@@ -62,7 +62,7 @@ class CLIPModule(SkipsNonFiniteLoss, ClipsGradientNorm, L.LightningModule):
             )
         self.optim_config = dataclass_from_dict(OptimConfig, optim, "optim")
         self.model = build_small_clip(self.clip_config)
-        self.tokenize = clip_tokenizer(self.clip_config)
+        self.tokenize = CachedTokenizer(clip_tokenizer(self.clip_config))
         self.preprocess = ImagePreprocess.of(self.model)
         self.loss = open_clip.ClipLoss()
         self.hard_negatives = hard_negatives

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import open_clip
+import torch
 
 from generator.clip.config import CONFIG_KIND, CLIPConfig
 from generator.clip.encoder import OPENAI_MEAN, OPENAI_STD, CLIPEncoder, ImagePreprocess
@@ -22,6 +24,31 @@ from tokenizer.base.weights import load_checked_model, save_weights
 def clip_tokenizer(config: CLIPConfig) -> open_clip.SimpleTokenizer:
     """open_clip's BPE tokenizer at the config's context length."""
     return open_clip.SimpleTokenizer(context_length=config.context_length)
+
+
+class CachedTokenizer:
+    """A tokenizer that keeps the tokens of the first `size` distinct captions it reads.
+
+    Training reads each caption many times: open_clip's tokenizer took about 6% of a shapes
+    CLIP's training step (33 ms for its 500 captions and twins on one core), the lookups take
+    a hundredth of that.
+    """
+
+    def __init__(self, tokenizer: open_clip.SimpleTokenizer, size: int = 2**17) -> None:
+        self.tokenizer, self.size = tokenizer, size
+        self.tokens: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        """(len(captions), context_length) token ids, as the tokenizer gives them."""
+        return torch.stack([self._tokens(caption) for caption in captions])
+
+    def _tokens(self, caption: str) -> torch.Tensor:
+        tokens = self.tokens.get(caption)
+        if tokens is None:
+            tokens = self.tokenizer([caption])[0]
+            if len(self.tokens) < self.size:
+                self.tokens[caption] = tokens
+        return tokens
 
 
 def build_small_clip(config: CLIPConfig) -> open_clip.CLIP:
