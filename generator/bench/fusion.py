@@ -5,7 +5,8 @@ prefix's, measured in the same run.
 The fusions other than pooled read CLIP's token features: random ones of `clip_tokens`' shape
 (ViT-B-32's text tower: 77 tokens of width 512), every token real, so early fusion's prefix and
 deep fusion's cross-attention are as long as they get. A generator entry may set its own
-`num_condition_tokens` and `token_dim` (the shapes generator reads its small CLIP's 24 x 64).
+`num_condition_tokens` and `token_dim` (the shapes entry: 24 x 64, the shapes CLIP's width and
+3 tokens more than its 21).
 FLOPs are FlopCounterMode's count of one run, before the warm-up; the weights read per sampling
 step are the blocks', deep fusion's cross-attention blocks', the final norm's and the head's.
 For the generators named in `fusion_train_generators` one training step (forward, backward,
