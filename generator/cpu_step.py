@@ -168,8 +168,9 @@ def attention_seconds(attention: Attention, inputs: tuple[torch.Tensor, ...]) ->
 
 def one_query_attention(model: GPT, rows: int) -> str:
     """The name of the faster attention, measured on this CPU, for a step of `rows` rows whose
-    query each attends to the cache half filled; measured once per shape, dtype and thread count
-    in a process. Anything but an fp32 CPU step runs SDPA.
+    query each attends to the cache half filled; measured once per shape and thread count in a
+    process (its inputs come from torch's global generator, so a seeded run stays repeatable).
+    Anything but an fp32 CPU step runs SDPA.
 
     ATen's CPU SDPA multiplies each row's and head's single query apart: for 480 rows and 4
     heads the two batched products of `product_attention` ran 2.6 to 2.9x faster, while for a
