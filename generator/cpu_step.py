@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -156,14 +156,19 @@ ATTENTIONS: dict[str, Attention] = {
 _measured_attention: dict[tuple, str] = {}
 
 
+def median_seconds(calls: Sequence[Callable[[], object]], warmup: int) -> float:
+    """Median wall seconds of `calls`, run in order, leaving out the first `warmup` of them."""
+    seconds = []
+    for call in calls:
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds[warmup:])
+
+
 def attention_seconds(attention: Attention, inputs: tuple[torch.Tensor, ...]) -> float:
     """Median seconds of `attention` on `inputs`, after two calls that warm it up."""
-    seconds = []
-    for _ in range(7):
-        start = time.perf_counter()
-        attention(*inputs)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds[2:])
+    return median_seconds([lambda: attention(*inputs)] * 7, warmup=2)
 
 
 def one_query_attention(model: GPT, rows: int) -> str:

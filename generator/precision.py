@@ -22,15 +22,14 @@ fast in fp16 is fast in bf16 too (compute capability 8.0 on), or falls back to f
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from generator.cpu_step import MAX_PACKED_ROWS, few_rows_product
+from generator.cpu_step import MAX_PACKED_ROWS, few_rows_product, median_seconds
 from tokenizer.base.hardware import cpu_supports_bf16
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,13 +67,8 @@ def streamed_linear_seconds(linear: nn.Linear, rows: int, dtype: torch.dtype) ->
     copies = [first] + [copy.deepcopy(first) for _ in range(count - 1)]
     products = [few_rows_product(layer, rows) for layer in copies]
     x = torch.randn(rows, linear.in_features, device=linear.weight.device, dtype=dtype)
-    seconds = []
     with torch.inference_mode():
-        for product in products * 2:
-            start = time.perf_counter()
-            product(x)
-            seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds[count:])
+        return median_seconds([partial(product, x) for product in products * 2], warmup=count)
 
 
 def bf16_probe(linear: nn.Linear, rows: int) -> ProbeTimes:

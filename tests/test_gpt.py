@@ -375,6 +375,19 @@ def test_the_one_query_attention_is_measured_once_per_shape(model, threads, monk
     assert len(calls) == 2
 
 
+def test_median_seconds_leaves_out_the_warm_up_calls(monkeypatch):
+    """Each call advances a fake clock by its own duration; the first two are left out."""
+    clock = [0.0]
+    monkeypatch.setattr(cpu_step.time, "perf_counter", lambda: clock[0])
+
+    def taking(seconds):
+        return lambda: clock.__setitem__(0, clock[0] + seconds)
+
+    calls = [taking(s) for s in (9.0, 8.0, 1.0, 3.0, 2.0)]
+    assert cpu_step.median_seconds(calls, warmup=2) == 2.0
+    assert cpu_step.median_seconds(calls, warmup=0) == 3.0
+
+
 def test_position_embeddings_held_for_sampling_are_those_computed(model):
     codes, _ = random_inputs(2)
     computed = model.embed_codes(codes[:, 3:9], start=3)
