@@ -375,6 +375,25 @@ def test_the_one_query_attention_is_measured_once_per_shape(model, threads, monk
     assert len(calls) == 2
 
 
+def test_measuring_the_attention_leaves_the_callers_draws_alone(model, monkeypatch):
+    monkeypatch.setattr(cpu_step, "_measured_attention", {})
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    one_query_attention(model, 5)
+    assert cpu_step._measured_attention  # it measured
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_the_probe_attends_as_a_step_does():
+    """Its keys and values are views of a KV cache, the query a view of a qkv product."""
+    q, keys, values = cpu_step.step_attention_inputs(3, 2, 8, length=5, max_len=9)
+    assert q.shape == (3, 2, 1, 8) and keys.shape == values.shape == (3, 2, 5, 8)
+    assert not (q.is_contiguous() or keys.is_contiguous() or values.is_contiguous())
+    expected = nn.functional.scaled_dot_product_attention(q, keys, values)
+    torch.testing.assert_close(product_attention(q, keys, values), expected)
+
+
 def test_median_seconds_leaves_out_the_warm_up_calls(monkeypatch):
     """Each call advances a fake clock by its own duration; the first two are left out."""
     clock = [0.0]
