@@ -204,7 +204,7 @@ def step_attention_inputs(
     qkv = torch.randn(rows, 3, heads, 1, head_dim, generator=draws)
     cache = KVCache(1, rows, heads, max_len, head_dim)
     cache.keys_values.normal_(generator=draws)
-    cache.length = length - 1
+    cache.advance(length - 1)  # as if earlier steps had filled it
     keys, values = cache.update(0, qkv[:, 1:].transpose(0, 1))
     return qkv[:, 0], keys, values
 
